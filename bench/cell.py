@@ -1,0 +1,233 @@
+"""The whole life of one cell: data, features, fit, predict, metrics -> one flat row.
+
+``run_cell`` is a plain function of its cell and environment, so any executor (local, or
+a Ray worker on another machine) can run it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import metrics
+from bench.config import Cell
+from bench.datasets.base import ImageSet, Preprocess, load_ground_truth
+from bench.errors import BenchError
+from bench.extractor import FeatureExtractor
+from bench.features import CachedFeatures, FeatureSource, StreamedFeatures
+from bench.methods.base import Method, MethodContext
+from bench.registry import DATASETS, METHODS
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where and how cells run (not part of a cell's identity)."""
+
+    data_root: str | None
+    device: str = "cpu"
+    workers: int = 0
+    progress: bool = True
+    spill_dir: str | None = None
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError(f"--device {name}: CUDA is not available on this machine")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise BenchError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    return name
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes: leave the cores to torch on small machines."""
+    return min(4, (os.cpu_count() or 1) // 2)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_EXTRACTORS: dict[tuple, FeatureExtractor] = {}
+
+
+def get_extractor(
+    backbone: str,
+    layers: list[str],
+    weights: str,
+    provenance: str,
+    input_size: tuple[int, int],
+    device: str,
+) -> FeatureExtractor:
+    """Built once per (backbone, layers, weights, input size) per process, then reused."""
+    key = (backbone, tuple(layers), weights, provenance, input_size, device)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()  # one backbone in memory at a time
+        extractor = FeatureExtractor(backbone, layers, weights, provenance, input_size)
+        _EXTRACTORS[key] = extractor.to(device)
+    return _EXTRACTORS[key]
+
+
+def _loader(
+    dataset: ImageSet,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=workers,
+        persistent_workers=False,
+    )
+
+
+def method_class(cell: Cell) -> type[Method]:
+    return METHODS.get(cell.method)
+
+
+def build_method(cell: Cell, env: Environment) -> tuple[Method, FeatureExtractor, Preprocess]:
+    """The method and the shared extractor it reads from, for one cell."""
+    cls = method_class(cell)
+    settings = cls.Settings(**cell.settings)
+    pre = cls.preprocess(cell.backbone, cell.reference, settings)
+    extractor = get_extractor(
+        cell.backbone,
+        cls.needs(cell.backbone, settings),
+        cell.weights,
+        cls.weights_provenance(cell.backbone, cell.reference),
+        pre.output_size,
+        env.device,
+    )
+    context = MethodContext(
+        backbone=cell.backbone,
+        reference=cell.reference,
+        channels=dict(extractor.channels),
+        shapes=dict(extractor.shapes),
+        output_size=pre.output_size,
+        device=torch.device(env.device),
+        seed=cell.seed,
+        progress=env.progress,
+    )
+    return cls(settings, context), extractor, pre
+
+
+def _train_source(
+    method: Method, extractor: FeatureExtractor, images: ImageSet, cell: Cell, env: Environment
+) -> FeatureSource:
+    augment = type(method).train_augmentation(method.settings, cell.reference)
+    device = torch.device(env.device)
+    if augment is None:
+        batch = getattr(method.settings, "batch_size", 32)
+        return CachedFeatures.extract(
+            extractor,
+            _loader(images, batch, env.workers),
+            device,
+            spill_dir=Path(env.spill_dir) if env.spill_dir else None,
+            desc=f"train features {cell.category}",
+        )
+    augmented = ImageSet(images.samples, images.pre, augment)
+
+    def make_loader(batch_size, shuffle, generator, drop_last):
+        return _loader(augmented, batch_size, env.workers, shuffle, generator, drop_last)
+
+    return StreamedFeatures(extractor, make_loader, len(augmented), device)
+
+
+def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
+    """Train and evaluate one cell; returns its result row."""
+    seed_everything(cell.seed)
+    dataset = DATASETS.get(cell.dataset)(Path(env.data_root) if env.data_root else None)
+    dataset.check_category(cell.category)
+    train_samples = dataset.train(cell.category)
+    test_samples = dataset.test(cell.category)
+    method, extractor, pre = build_method(cell, env)
+    train_images = ImageSet(train_samples, pre)
+    test_images = ImageSet(test_samples, pre)
+    gt = load_ground_truth(test_samples, pre, dataset.has_masks)
+
+    sync = torch.cuda.synchronize if env.device.startswith("cuda") else (lambda: None)
+    t0 = time.perf_counter()
+    train = _train_source(method, extractor, train_images, cell, env)
+    sync()
+    t1 = time.perf_counter()
+    method.fit(train)
+    sync()
+    t2 = time.perf_counter()
+    del train
+
+    batch = getattr(method.settings, "batch_size", 32)
+    device = torch.device(env.device)
+    test = StreamedFeatures(
+        extractor,
+        lambda b, s, g, d: _loader(test_images, b, env.workers),
+        len(test_images),
+        device,
+    )
+    n = len(test_images)
+    scores = np.empty(n, dtype=np.float32)
+    maps = np.empty((n, *pre.output_size), dtype=np.float32) if dataset.has_masks else None
+    start = 0
+    for batch_scores, batch_maps in method.predict(test, batch):
+        stop = start + batch_scores.shape[0]
+        scores[start:stop] = batch_scores.float().cpu().numpy()
+        if maps is not None:
+            maps[start:stop] = batch_maps.float().cpu().numpy()
+        start = stop
+    sync()
+    t3 = time.perf_counter()
+    if start != n:
+        raise BenchError(f"{cell.method} returned {start} predictions for {n} test images")
+    values = metrics.evaluate(gt, scores, maps)
+    t4 = time.perf_counter()
+
+    return {
+        "dataset": cell.dataset,
+        "category": cell.category,
+        "method": cell.method,
+        "base_method": cell.base,
+        "backbone": cell.backbone,
+        "seed": cell.seed,
+        "reference": cell.reference,
+        "weights": extractor.weights.describe(),
+        "weights_id": extractor.weights.ident,
+        "pretrained": extractor.weights.pretrained,
+        "input": pre.describe(),
+        **values,
+        "n_train": len(train_samples),
+        "n_test": n,
+        "n_anomalous": int(gt.labels.sum()),
+        "trainable_params": method.trainable_parameters(),
+        "feature_seconds": t1 - t0,
+        "fit_seconds": t2 - t1,
+        "test_seconds": t3 - t2,
+        "metric_seconds": t4 - t3,
+        "device": env.device,
+        "threads": torch.get_num_threads(),
+        "settings": cell.settings,
+        "cell_key": cell.key,
+    }
+
+
+def describe_failure(exc: BaseException, debug: bool) -> str:
+    """One line for user errors; the traceback too for bugs or when debugging."""
+    if isinstance(exc, BenchError) and not debug:
+        return str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    return text + "\n" + traceback.format_exc() if debug else text

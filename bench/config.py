@@ -1,0 +1,198 @@
+"""Run configuration, presets and the expansion of a grid into cells.
+
+A cell is one (method, dataset, category, backbone, seed) with every setting resolved, so
+its key changes whenever anything that affects its result changes, and a rerun of the same
+command finds the cells it already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import BenchError
+from bench.extractor import WEIGHT_POLICIES
+from bench.methods.base import REFERENCES, apply_overrides
+from bench.registry import DATASETS, METHODS
+
+# Flags that map onto a method setting of the same name, for every method that has it.
+SHARED_SETTINGS = ("input_size", "epochs", "batch_size", "lr")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``bench run`` needs; filled from a preset, then the command line."""
+
+    methods: list[str] = field(default_factory=list)
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    categories: list[str] = field(default_factory=lambda: ["all"])
+    backbones: list[str] = field(default_factory=lambda: ["resnet18"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    reference: str = "original"
+    weights: str = "auto"
+    input_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    set: dict[str, dict[str, Any]] = field(default_factory=dict)
+    out: str | None = None
+    device: str = "auto"
+    workers: int | None = None
+    threads: int | None = None
+    executor: str = "local"
+    preset: str | None = None
+
+    def validate(self) -> None:
+        if self.reference not in REFERENCES:
+            raise BenchError(
+                f"--reference {self.reference}: expected one of {', '.join(REFERENCES)}"
+            )
+        if self.weights not in WEIGHT_POLICIES and not Path(self.weights).expanduser().exists():
+            raise BenchError(
+                f"--weights {self.weights}: expected {', '.join(WEIGHT_POLICIES)} or a checkpoint file"
+            )
+        for name in self.methods:
+            METHODS.entry(name)
+        DATASETS.entry(self.dataset)
+        if not self.seeds:
+            raise BenchError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+        for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):
+            if value is not None and value <= 0:
+                raise BenchError(f"{flag} {value}: must be positive")
+
+
+def _preset_text(name: str) -> str:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise BenchError(f"--preset {name}: file not found")
+        return path.read_text()
+    packaged = resources.files("bench") / "presets" / f"{name}.yaml"
+    if not packaged.is_file():
+        known = sorted(p.name[:-5] for p in (resources.files("bench") / "presets").iterdir())
+        raise BenchError(f"--preset {name}: unknown preset; built in: {', '.join(known)}")
+    return packaged.read_text()
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset is a YAML mapping with RunConfig field names as keys."""
+    try:
+        data = yaml.safe_load(_preset_text(name)) or {}
+    except yaml.YAMLError as exc:
+        raise BenchError(f"--preset {name}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BenchError(f"--preset {name}: expected a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BenchError(
+            f"--preset {name}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``method.key=value`` pairs; a bare ``key=value`` applies to every method ("*")."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise BenchError(f"--set {item}: expected method.key=value, e.g. fastflow.epochs=10")
+        lhs, value = item.split("=", 1)
+        method, _, key = lhs.rpartition(".")
+        out.setdefault(method or "*", {})[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work; everything that changes its result is in here."""
+
+    method: str  # registered name, possibly a variant such as fastflow-3x3
+    base: str  # the method it is built on
+    dataset: str
+    category: str
+    backbone: str
+    seed: int
+    reference: str
+    weights: str
+    settings: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        payload = {k: v for k, v in dataclasses.asdict(self).items()}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def label(self) -> str:
+        return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}"
+
+
+def resolve_settings(method: str, backbone: str, config: RunConfig) -> tuple[str, Any]:
+    """Reference defaults, then the variant's presets, then shared flags, then --set."""
+    entry = METHODS.entry(method)
+    cls = entry.obj
+    settings = cls.default_settings(backbone, config.reference)
+    settings = apply_overrides(settings, entry.meta.get("settings", {}), method)
+    names = {f.name for f in dataclasses.fields(settings)}
+    shared = {
+        name: getattr(config, name)
+        for name in SHARED_SETTINGS
+        if getattr(config, name) is not None and name in names
+    }
+    settings = apply_overrides(settings, shared, method)
+    for scope in ("*", entry.meta["base"], method):
+        overrides = dict(config.set.get(scope, {}))
+        if scope == "*":
+            overrides = {k: v for k, v in overrides.items() if k in names}
+        settings = apply_overrides(settings, overrides, scope if scope != "*" else method)
+    return entry.meta["base"], settings
+
+
+def check_set_scopes(config: RunConfig) -> None:
+    """Every --set names a method in the grid (or applies to at least one)."""
+    bases = {METHODS.entry(m).meta["base"] for m in config.methods}
+    for scope, values in config.set.items():
+        if scope == "*":
+            for key in values:
+                if not any(
+                    key in {f.name for f in dataclasses.fields(METHODS.get(m).Settings)}
+                    for m in config.methods
+                ):
+                    raise BenchError(f"--set {key}: no method in this run has that setting")
+        elif scope not in config.methods and scope not in bases:
+            raise BenchError(
+                f"--set {scope}.…: '{scope}' is not a method of this run ({', '.join(config.methods)})"
+            )
+
+
+def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
+    """The grid in a stable order: backbone, category, method, seed."""
+    check_set_scopes(config)
+    cells = []
+    for backbone in config.backbones:
+        for category in categories:
+            for method in config.methods:
+                base, settings = resolve_settings(method, backbone, config)
+                for seed in config.seeds:
+                    cells.append(
+                        Cell(
+                            method=method,
+                            base=base,
+                            dataset=config.dataset,
+                            category=category,
+                            backbone=backbone,
+                            seed=seed,
+                            reference=config.reference,
+                            weights=config.weights,
+                            settings=dataclasses.asdict(settings),
+                        )
+                    )
+    return cells

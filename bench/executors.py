@@ -1,0 +1,53 @@
+"""Executors run cells and hand each outcome back to the driver, which alone writes the store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from bench.cell import Environment, describe_failure, run_cell
+from bench.config import Cell
+from bench.errors import BenchError
+
+OnResult = Callable[[Cell, dict[str, Any]], None]
+OnFailure = Callable[[Cell, str], None]
+
+
+class Executor(Protocol):
+    def execute(
+        self, cells: list[Cell], env: Environment, on_result: OnResult, on_failure: OnFailure
+    ) -> None: ...
+
+
+class LocalExecutor:
+    """Runs cells one after another in this process (the default)."""
+
+    def __init__(self, debug: bool = False) -> None:
+        self.debug = debug
+
+    def execute(
+        self, cells: list[Cell], env: Environment, on_result: OnResult, on_failure: OnFailure
+    ) -> None:
+        bar: Iterable[Cell] = tqdm(cells, desc="cells", unit="cell", disable=not env.progress)
+        for cell in bar:
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(cell.label())
+            try:
+                row = run_cell(cell, env)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one broken cell must not stop the grid
+                on_failure(cell, describe_failure(exc, self.debug))
+                continue
+            on_result(cell, row)
+
+
+EXECUTORS = ("local",)
+
+
+def make_executor(name: str, debug: bool = False) -> Executor:
+    if name == "local":
+        return LocalExecutor(debug)
+    raise BenchError(f"--executor {name}: expected one of {', '.join(EXECUTORS)}")

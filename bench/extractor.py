@@ -1,0 +1,331 @@
+"""The shared, frozen feature extractor: timm CNN stages or ViT/CaiT tokens as 2D maps.
+
+Every method asks for named layers ("layer1".."layer4" for CNNs, "blocks.K" for
+transformers) and gets a dict of (B, C, H, W) tensors. The backbone is built once per
+(backbone, weights, input size), frozen, and kept in eval mode so BatchNorm uses its
+running statistics, as every reference does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from huggingface_hub import try_to_load_from_cache
+from torch import Tensor, nn
+
+from bench.errors import BenchError
+from bench.registry import BACKBONES
+
+log = logging.getLogger(__name__)
+
+# Where a reference took its ImageNet weights from (method_spec.md 1.2). Methods name one
+# of these per reference; the backbone spec turns it into an explicit timm tag.
+PROVENANCES = ("torchvision", "timm-0.5.4", "timm")
+WEIGHT_POLICIES = ("auto", "imagenet", "random")
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A timm model plus how its output becomes 2D feature maps."""
+
+    name: str
+    kind: str  # "cnn" or "vit"
+    imagenet_tags: dict[str, str] = field(default_factory=dict)
+    native_input: int | None = None  # transformers only accept their own input size
+    prefix_tokens: int = 0  # tokens before the patch grid (cls, dist) in the ViT path
+
+    def tag_for(self, provenance: str) -> str:
+        if provenance in self.imagenet_tags:
+            return self.imagenet_tags[provenance]
+        cfg = timm.models.get_pretrained_cfg(self.name)
+        if cfg is None or not cfg.tag:
+            raise BenchError(f"timm has no pretrained weights for backbone '{self.name}'")
+        return f"{self.name}.{cfg.tag}"
+
+
+def _register(spec: BackboneSpec) -> None:
+    BACKBONES.add(spec.name, spec, kind=spec.kind)
+
+
+_register(
+    BackboneSpec(
+        "resnet18",
+        "cnn",
+        {
+            "torchvision": "resnet18.tv_in1k",
+            "timm-0.5.4": "resnet18.tv_in1k",
+            "timm": "resnet18.a1_in1k",
+        },
+    )
+)
+_register(
+    BackboneSpec(
+        "wide_resnet50_2",
+        "cnn",
+        {
+            "torchvision": "wide_resnet50_2.tv_in1k",
+            "timm-0.5.4": "wide_resnet50_2.racm_in1k",
+            "timm": "wide_resnet50_2.racm_in1k",
+        },
+    )
+)
+_DEIT = "deit_base_distilled_patch16_384"
+_CAIT = "cait_m48_448"
+_register(
+    BackboneSpec(
+        _DEIT,
+        "vit",
+        {p: f"{_DEIT}.fb_in1k" for p in PROVENANCES},
+        native_input=384,
+        prefix_tokens=2,
+    )
+)
+_register(
+    BackboneSpec(
+        _CAIT,
+        "vit",
+        {p: f"{_CAIT}.fb_dist_in1k" for p in PROVENANCES},
+        native_input=448,
+        prefix_tokens=0,
+    )
+)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """Registered backbones first; any other timm CNN by name is accepted as a plain CNN."""
+    if name in BACKBONES:
+        return BACKBONES.get(name)
+    if name in timm.list_models():
+        return BackboneSpec(name, "cnn")
+    known = ", ".join(BACKBONES.names())
+    raise BenchError(
+        f"unknown backbone '{name}'; registered: {known}; any timm CNN name also works "
+        "(see timm.list_models())"
+    )
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What the extractor actually loaded: recorded on every result row."""
+
+    policy: str  # auto | imagenet | random | path
+    source: str  # timm tag, "random(seed=0)", or the checkpoint path
+    ident: str  # the tag, or the file's sha256 prefix
+    pretrained: bool
+
+    def describe(self) -> str:
+        return self.source if self.policy != "path" else f"{self.source} (sha256 {self.ident})"
+
+
+def _layer_index(layer: str) -> int:
+    match = re.fullmatch(r"layer(\d+)", layer)
+    if not match:
+        raise BenchError(f"CNN layers are named layer0..layer4, got '{layer}'")
+    return int(match.group(1))
+
+
+def _block_index(layer: str) -> int:
+    match = re.fullmatch(r"blocks\.(\d+)", layer)
+    if not match:
+        raise BenchError(f"transformer layers are named blocks.K, got '{layer}'")
+    return int(match.group(1))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check so offline machines fall back at once instead of retrying for a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_checkpoint_tensors(path: Path) -> dict[str, Tensor]:
+    """Read a state dict without unpickling arbitrary objects (safetensors or weights_only)."""
+    if not path.is_file():
+        raise BenchError(f"--weights {path}: file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BenchError(
+            f"--weights {path}: not a plain tensor checkpoint ({type(exc).__name__}); save it with "
+            "torch.save(model.state_dict(), path) or as .safetensors"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise BenchError(f"--weights {path}: expected a state dict of tensors")
+    return {re.sub(r"^(module\.|model\.)", "", k): v for k, v in obj.items()}
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen backbone returning the requested layers as (B, C, H, W) maps."""
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: list[str],
+        weights: str = "auto",
+        provenance: str = "timm",
+        input_size: tuple[int, int] = (256, 256),
+    ) -> None:
+        super().__init__()
+        self.spec = backbone_spec(backbone)
+        self.layers = list(layers)
+        self.input_size = tuple(input_size)
+        if self.spec.kind == "vit" and self.input_size != (self.spec.native_input,) * 2:
+            n = self.spec.native_input
+            raise BenchError(
+                f"backbone {backbone} takes {n}x{n} input, got --input-size "
+                f"{self.input_size[0]}x{self.input_size[1]}"
+            )
+        self.model, self.weights = self._build(weights, provenance)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            probe = self.forward(torch.zeros(1, 3, *self.input_size))
+        self.channels = {k: v.shape[1] for k, v in probe.items()}
+        self.shapes = {k: tuple(v.shape[2:]) for k, v in probe.items()}
+        self.strides = {k: self.input_size[0] // v.shape[2] for k, v in probe.items()}
+
+    def _create(
+        self, pretrained: bool, tag: str | None = None, overlay: dict | None = None
+    ) -> nn.Module:
+        name = tag or self.spec.name
+        kwargs: dict = {"pretrained": pretrained}
+        if overlay:
+            kwargs["pretrained_cfg_overlay"] = overlay
+        if self.spec.kind == "cnn":
+            indices = [_layer_index(layer) for layer in self.layers]
+            return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+        for layer in self.layers:
+            _block_index(layer)
+        return timm.create_model(name, **kwargs)
+
+    def _create_pretrained(self, tag: str) -> nn.Module:
+        """timm weights from the local Hugging Face cache, else the hub when it is reachable."""
+        cfg = timm.models.get_pretrained_cfg(tag)
+        if cfg is None:
+            raise BenchError(f"timm knows no weights named '{tag}'")
+        if cfg.hf_hub_id:
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+                if isinstance(cached, str):
+                    return self._create(True, tag, overlay={"file": cached})
+        if not _hub_reachable():
+            raise ConnectionError(
+                f"no local copy of {cfg.hf_hub_id or tag} and the hub is unreachable"
+            )
+        return self._create(True, tag)
+
+    def _build(self, weights: str, provenance: str) -> tuple[nn.Module, WeightsInfo]:
+        if weights == "random":
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = self._create(False)
+            return model, WeightsInfo("random", f"random(seed={RANDOM_INIT_SEED})", "random", False)
+        if weights in ("auto", "imagenet"):
+            tag = self.spec.tag_for(provenance)
+            try:
+                model = self._create_pretrained(tag)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if weights == "imagenet":
+                    raise BenchError(
+                        f"--weights imagenet: could not load timm weights '{tag}' ({reason}); "
+                        "put them in the Hugging Face cache (HF_HOME), or pass --weights PATH "
+                        "to a local checkpoint"
+                    ) from exc
+                warnings.warn(
+                    f"--weights auto: ImageNet weights '{tag}' unavailable ({reason}); "
+                    "USING RANDOM INITIALISATION. Results are not comparable with the papers.",
+                    stacklevel=2,
+                )
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = self._create(False)
+                return model, WeightsInfo(
+                    "auto", f"random(seed={RANDOM_INIT_SEED})", "random", False
+                )
+            return model, WeightsInfo(weights, tag, tag, True)
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise BenchError(
+                f"--weights '{weights}': not one of {', '.join(WEIGHT_POLICIES)} and no such file"
+            )
+        model = self._create(False)
+        state = load_checkpoint_tensors(path)
+        own = model.state_dict()
+        usable = {k: v for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(usable))
+        if missing:
+            raise BenchError(
+                f"--weights {path}: checkpoint lacks {len(missing)} backbone tensors "
+                f"(first: {missing[0]}); is it a {self.spec.name} state dict?"
+            )
+        bad = [k for k, v in usable.items() if v.shape != own[k].shape]
+        if bad:
+            raise BenchError(
+                f"--weights {path}: tensor {bad[0]} has shape {tuple(usable[bad[0]].shape)}, "
+                f"expected {tuple(own[bad[0]].shape)}"
+            )
+        model.load_state_dict(usable)
+        return model, WeightsInfo("path", str(path), _sha256(path), True)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stays in eval mode whatever the caller asks: the backbone is frozen."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        self.model.eval()
+        if self.spec.kind == "cnn":
+            return dict(zip(self.layers, self.model(images), strict=True))
+        return self._vit_forward(images)
+
+    def _vit_forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Patch tokens after block K and the model's own final norm, as a 2D grid."""
+        model = self.model
+        x = model.patch_embed(images)
+        if self.spec.prefix_tokens == 2:
+            cls = model.cls_token.expand(x.shape[0], -1, -1)
+            dist = model.dist_token.expand(x.shape[0], -1, -1)
+            x = torch.cat((cls, dist, x), dim=1)
+        x = model.pos_drop(x + model.pos_embed)
+        wanted = {_block_index(layer): layer for layer in self.layers}
+        grid_h, grid_w = (s // 16 for s in self.input_size)
+        out: dict[str, Tensor] = {}
+        for index, block in enumerate(model.blocks):
+            x = block(x)
+            if index in wanted:
+                tokens = model.norm(x)[:, self.spec.prefix_tokens :]
+                out[wanted[index]] = tokens.transpose(1, 2).reshape(x.shape[0], -1, grid_h, grid_w)
+            if len(out) == len(wanted):
+                break
+        return out

@@ -1,0 +1,128 @@
+"""Feature sources a method trains and predicts on.
+
+``CachedFeatures`` runs the backbone once per image and serves epochs from memory (or from
+a memory-mapped file when the features would not fit); ``StreamedFeatures`` runs the
+backbone on every pass, for references that augment training images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bench.extractor import FeatureExtractor
+
+# Above this many bytes the train features go to a memory-mapped file instead of RAM.
+DEFAULT_MEMORY_BUDGET = int(os.environ.get("FLOWAD_FEATURE_RAM_BYTES", 6 * 1024**3))
+
+
+class FeatureSource:
+    """Batches of {layer: (B, C, H, W)} features, in a fixed order unless shuffled."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def _order(n: int, shuffle: bool, generator: torch.Generator | None) -> Tensor:
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
+class CachedFeatures(FeatureSource):
+    """Features computed once and kept (RAM or memory-mapped disk) for every epoch."""
+
+    def __init__(self, tensors: dict[str, Tensor], device: torch.device) -> None:
+        self.tensors = tensors
+        self.device = device
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def batches(self, batch_size, shuffle=False, generator=None, drop_last=False):
+        order = _order(len(self), shuffle, generator)
+        stop = self.num_batches(batch_size, drop_last) * batch_size
+        for start in range(0, min(stop, len(order)), batch_size):
+            index = order[start : start + batch_size]
+            if not shuffle:
+                sl = slice(int(index[0]), int(index[-1]) + 1)
+                yield {k: v[sl].to(self.device) for k, v in self.tensors.items()}
+            else:
+                yield {k: v[index].to(self.device) for k, v in self.tensors.items()}
+
+    @classmethod
+    def extract(
+        cls,
+        extractor: FeatureExtractor,
+        loader: torch.utils.data.DataLoader,
+        device: torch.device,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        spill_dir: Path | None = None,
+        desc: str = "features",
+    ) -> CachedFeatures:
+        n = len(loader.dataset)
+        per_image = sum(c * math.prod(extractor.shapes[k]) for k, c in extractor.channels.items())
+        on_disk = per_image * 4 * n > memory_budget
+        tensors: dict[str, Tensor] = {}
+        for layer, c in extractor.channels.items():
+            shape = (n, c, *extractor.shapes[layer])
+            if on_disk:
+                folder = Path(tempfile.mkdtemp(prefix="features-", dir=spill_dir))
+                array = np.lib.format.open_memmap(
+                    folder / f"{layer}.npy", mode="w+", dtype=np.float32, shape=shape
+                )
+                tensors[layer] = torch.from_numpy(array)
+            else:
+                tensors[layer] = torch.empty(shape, dtype=torch.float32)
+        start = 0
+        for images in tqdm(loader, desc=desc, leave=False, unit="batch"):
+            feats = extractor(images.to(device))
+            stop = start + images.shape[0]
+            for layer, value in feats.items():
+                tensors[layer][start:stop] = value.float().cpu()
+            start = stop
+        return cls(tensors, device)
+
+
+class StreamedFeatures(FeatureSource):
+    """Runs the backbone on every batch; ``make_loader`` builds a (possibly augmenting) loader."""
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        make_loader: Callable[
+            [int, bool, torch.Generator | None, bool], torch.utils.data.DataLoader
+        ],
+        size: int,
+        device: torch.device,
+    ) -> None:
+        self.extractor = extractor
+        self.make_loader = make_loader
+        self.size = size
+        self.device = device
+
+    def __len__(self) -> int:
+        return self.size
+
+    def batches(self, batch_size, shuffle=False, generator=None, drop_last=False):
+        for images in self.make_loader(batch_size, shuffle, generator, drop_last):
+            yield self.extractor(images.to(self.device))

@@ -1,0 +1,388 @@
+"""FastFlow (Yu et al. 2021): one 2D normalising flow per feature scale (method_spec.md 2).
+
+The flow step is FrEIA 0.2's ``AllInOneBlock`` (affine coupling with the tanh clamp, a
+learned SOFTPLUS global affine, a fixed hard permutation) re-written with identical maths
+and the same state-dict layout. The only change is how the permutation is applied: an
+index gather instead of FrEIA's convolution with a one-hot C x C matrix, which costs a
+matmul per step (more than a whole 1x1 subnet) and is not exact under TF32. The one-hot
+``w_perm``/``w_perm_inv`` tensors are kept, non-trainable, so FrEIA, FF-REF and anomalib
+checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bench.datasets.base import Preprocess
+from bench.errors import BenchError
+from bench.extractor import backbone_spec
+from bench.features import FeatureSource
+from bench.methods.base import Method, MethodContext, register_method, register_variant
+
+CLAMP = 2.0
+
+# FF-REF's per-backbone configs (method_spec.md 2.5): (input, steps, hidden_ratio, conv3x3_only).
+_ORIGINAL = {
+    "resnet18": (256, 8, 1.0, True),
+    "wide_resnet50_2": (256, 8, 1.0, False),
+    "deit_base_distilled_patch16_384": (384, 20, 0.16, False),
+    "cait_m48_448": (448, 20, 0.16, False),
+}
+# Transformer layer FastFlow reads: the paper's "block index" (method_spec.md 2.1).
+_VIT_BLOCK = {"deit_base_distilled_patch16_384": 7, "cait_m48_448": 40}
+# Feature (channels, stride) per scale of the supported backbones, to count parameters
+# without building a backbone.
+KNOWN_FEATURES: dict[str, list[tuple[int, int]]] = {
+    "resnet18": [(64, 4), (128, 8), (256, 16)],
+    "wide_resnet50_2": [(256, 4), (512, 8), (1024, 16)],
+    "deit_base_distilled_patch16_384": [(768, 16)],
+    "cait_m48_448": [(768, 16)],
+}
+
+
+@dataclass(frozen=True)
+class FastFlowSettings:
+    """Hyper-parameters; ``FastFlow.default_settings`` fills them per backbone and reference."""
+
+    input_size: int = 256
+    flow_steps: int = 8
+    hidden_ratio: float = 1.0
+    conv3x3_only: bool = False
+    epochs: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    early_stop_patience: int = 0  # epochs without a training-loss improvement; 0 = off
+    early_stop_min_delta: float = 0.0
+
+
+class FlowStep(nn.Module):
+    """FrEIA 0.2 ``AllInOneBlock`` for images (clamp, SOFTPLUS global affine, hard permutation).
+
+    Forward: x1 | x2 = split(x); a = 0.1 * subnet(x1); s = clamp * tanh(a[:c2]);
+    y = (x1, x2 * exp(s) + a[c2:]); z = permute(y * g + o), with
+    g = 0.1 * softplus_beta=0.5(global_scale). Log-det = sum(s) + H*W * sum(log g).
+    """
+
+    def __init__(
+        self, channels: int, subnet: nn.Module, permutation: Tensor, clamp: float = CLAMP
+    ) -> None:
+        super().__init__()
+        self.splits = (channels - channels // 2, channels // 2)
+        self.clamp = clamp
+        # FrEIA: global_scale = 2 * ln(exp(0.5 * 10 * init) - 1) with init = 1, so g starts at 1.
+        init = 2.0 * math.log(math.exp(5.0) - 1.0)
+        self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
+        self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        one_hot = F.one_hot(permutation.cpu(), channels).float().to(self.global_scale.device)
+        self.w_perm = nn.Parameter(one_hot.view(channels, channels, 1, 1), requires_grad=False)
+        self.w_perm_inv = nn.Parameter(
+            one_hot.t().contiguous().view(channels, channels, 1, 1), requires_grad=False
+        )
+        self.subnet = subnet
+        self.register_buffer("perm", permutation.clone(), persistent=False)
+        self.register_buffer("perm_inv", torch.argsort(permutation), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_permutation)
+
+    def scale(self) -> Tensor:
+        return 0.1 * F.softplus(self.global_scale, beta=0.5)
+
+    def _coupling(self, x1: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.subnet(x1)
+        a.mul_(0.1)
+        c2 = self.splits[1]
+        return self.clamp * torch.tanh(a[:, :c2]), a[:, c2:]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x1, x2 = torch.split(x, self.splits, dim=1)
+        s, t = self._coupling(x1)
+        log_det = torch.sum(s, dim=(1, 2, 3))
+        y = torch.cat((x1, x2 * torch.exp(s) + t), 1)
+        g = self.scale()
+        # (y * g + o)[:, perm], value for value: gather first, then multiply and add in place
+        # (not addcmul, whose fused multiply-add rounds differently from FrEIA).
+        perm = self.perm
+        z = y.index_select(1, perm) * g.index_select(1, perm)
+        z.add_(self.global_offset.index_select(1, perm))
+        log_det = log_det + x[0, :1].numel() * torch.sum(torch.log(g))
+        return z, log_det
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        g = self.scale()
+        y = (z.index_select(1, self.perm_inv) - self.global_offset) / g
+        x1, y2 = torch.split(y, self.splits, dim=1)
+        s, t = self._coupling(x1)
+        x = torch.cat((x1, (y2 - t) * torch.exp(-s)), 1)
+        log_det = -torch.sum(s, dim=(1, 2, 3)) - z[0, :1].numel() * torch.sum(torch.log(g))
+        return x, log_det
+
+
+def _refresh_permutation(module: nn.Module, incompatible_keys: Any) -> None:
+    """Loaded one-hot matrices define the permutation; re-derive the gather indices."""
+    index = module.w_perm.detach().view(module.w_perm.shape[0], -1).argmax(dim=1)
+    module.perm = index.to(module.perm.device)
+    module.perm_inv = torch.argsort(index).to(module.perm.device)
+
+
+class Flow(nn.Module):
+    """A sequence of flow steps; the ``module_list`` name keeps FrEIA's SequenceINN layout."""
+
+    def __init__(self, steps: list[FlowStep]) -> None:
+        super().__init__()
+        self.module_list = nn.ModuleList(steps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_det: Tensor | int = 0
+        for step in self.module_list:
+            x, j = step(x)
+            log_det = j + log_det
+        return x, log_det
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        log_det: Tensor | int = 0
+        for step in reversed(self.module_list):
+            z, j = step.inverse(z)
+            log_det = j + log_det
+        return z, log_det
+
+
+def subnet(c_in: int, c_out: int, kernel: int, hidden_ratio: float) -> nn.Sequential:
+    """Conv(k) -> ReLU -> Conv(k), size kept with explicit zero padding k // 2."""
+    hidden = int(c_in * hidden_ratio)
+    return nn.Sequential(
+        nn.Conv2d(c_in, hidden, kernel, padding=kernel // 2),
+        nn.ReLU(),
+        nn.Conv2d(hidden, c_out, kernel, padding=kernel // 2),
+    )
+
+
+def build_flow(
+    channels: int,
+    flow_steps: int,
+    hidden_ratio: float,
+    conv3x3_only: bool,
+    generator: torch.Generator | None = None,
+) -> Flow:
+    """One scale's flow; kernels 3,1,3,1,... (all 3 when conv3x3_only).
+
+    Each step draws its permutation, then its subnet initialises, the order anomalib uses.
+    """
+    steps = []
+    for i in range(flow_steps):
+        kernel = 1 if i % 2 == 1 and not conv3x3_only else 3
+        permutation = torch.randperm(channels, generator=generator, device="cpu")
+        c1, c2 = channels - channels // 2, channels // 2
+        steps.append(FlowStep(channels, subnet(c1, 2 * c2, kernel, hidden_ratio), permutation))
+    return Flow(steps)
+
+
+class FastFlowModel(nn.Module):
+    """LayerNorms (CNN features only) and one flow per scale; no backbone, no training loop."""
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, int, int]],
+        flow_steps: int,
+        hidden_ratio: float,
+        conv3x3_only: bool,
+        layer_norm: bool,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(
+            [nn.LayerNorm(list(shape), elementwise_affine=True) for shape in shapes]
+            if layer_norm
+            else []
+        )
+        self.flows = nn.ModuleList(
+            [build_flow(c, flow_steps, hidden_ratio, conv3x3_only, generator) for c, _, _ in shapes]
+        )
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Latents z and log-determinants per scale."""
+        if self.norms:
+            features = [norm(f) for norm, f in zip(self.norms, features, strict=True)]
+        outputs = [flow(f) for flow, f in zip(self.flows, features, strict=True)]
+        return [z for z, _ in outputs], [j for _, j in outputs]
+
+
+def fastflow_loss(latents: list[Tensor], log_dets: list[Tensor]) -> Tensor:
+    """Sum over scales of the batch mean of 0.5 * ||z||^2 - log det (constant dropped)."""
+    total = latents[0].new_zeros(())
+    for z, log_det in zip(latents, log_dets, strict=True):
+        total = total + torch.mean(0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_det)
+    return total
+
+
+def anomaly_map(latents: list[Tensor], output_size: tuple[int, int]) -> Tensor:
+    """Mean over scales of the upsampled -exp(-0.5 * mean_c z^2); (B, H, W), in [-1, 0)."""
+    maps = [
+        F.interpolate(
+            -torch.exp(-0.5 * torch.mean(z**2, dim=1, keepdim=True)),
+            size=output_size,
+            mode="bilinear",
+            align_corners=False,
+        )
+        for z in latents
+    ]
+    return torch.stack(maps, dim=-1).mean(dim=-1)[:, 0]
+
+
+def port_reference_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map an anomalib or FF-REF FastFlow state dict to ``FastFlowModel`` (method_spec.md 2.7).
+
+    anomalib's ``fast_flow_blocks`` and FF-REF's ``nf_flows`` become ``flows``; anomalib
+    versions that pad with ZeroPad2d put the subnet convs at indices 1 and 4 (0 and 2 here).
+    The backbone (``feature_extractor.*``) is not part of the model and is left out.
+    """
+    ported: dict[str, Tensor] = {}
+    padded = any(re.search(r"\.subnet\.4\.", k) for k in state)
+    for key, value in state.items():
+        if key.startswith("feature_extractor."):
+            continue
+        key = re.sub(r"^(fast_flow_blocks|nf_flows)\.", "flows.", key)
+        if padded:
+            key = re.sub(r"\.subnet\.1\.", ".subnet.0.", key)
+            key = re.sub(r"\.subnet\.4\.", ".subnet.2.", key)
+        ported[key] = value
+    return ported
+
+
+def _shapes(context: MethodContext, layers: list[str]) -> list[tuple[int, int, int]]:
+    return [(context.channels[k], *context.shapes[k]) for k in layers]
+
+
+@register_method("fastflow")
+class FastFlow(Method):
+    """FastFlow with FF-REF's (``original``) or anomalib's per-backbone defaults."""
+
+    Settings = FastFlowSettings
+
+    def __init__(self, settings: FastFlowSettings, context: MethodContext) -> None:
+        super().__init__(settings, context)
+        self.layers = self.needs(context.backbone, settings)
+        self.history: list[float] = []
+        generator = torch.Generator().manual_seed(context.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed)
+            self._model = FastFlowModel(
+                _shapes(context, self.layers),
+                settings.flow_steps,
+                settings.hidden_ratio,
+                settings.conv3x3_only,
+                layer_norm=backbone_spec(context.backbone).kind == "cnn",
+                generator=generator,
+            ).to(self.device)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @classmethod
+    def default_settings(cls, backbone: str, reference: str) -> FastFlowSettings:
+        kind = backbone_spec(backbone).kind
+        if reference == "original" and backbone in _ORIGINAL:
+            size, steps, ratio, only3 = _ORIGINAL[backbone]
+            return FastFlowSettings(size, steps, ratio, only3)
+        size = backbone_spec(backbone).native_input if kind == "vit" else 256
+        return FastFlowSettings(input_size=size)
+
+    @classmethod
+    def needs(cls, backbone: str, settings: Any) -> list[str]:
+        if backbone_spec(backbone).kind == "cnn":
+            return ["layer1", "layer2", "layer3"]
+        if backbone not in _VIT_BLOCK:
+            known = ", ".join(_VIT_BLOCK)
+            raise BenchError(f"fastflow supports the transformers {known}; got '{backbone}'")
+        return [f"blocks.{_VIT_BLOCK[backbone]}"]
+
+    @classmethod
+    def preprocess(cls, backbone: str, reference: str, settings: Any) -> Preprocess:
+        return Preprocess((settings.input_size, settings.input_size), None, "bilinear")
+
+    @classmethod
+    def weights_provenance(cls, backbone: str, reference: str) -> str:
+        return "timm-0.5.4" if reference == "original" else "timm"
+
+    def fit(self, train: FeatureSource) -> None:
+        """Adam on the NLL; one host read per epoch (the epoch loss for the bar and early stop)."""
+        s = self.settings
+        model = self._model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Plain Adam with L2 in the gradient, as both references; the fused kernel is the same
+        # update in one pass (it differs from the loop version only in the last bit) and
+        # halves the optimizer's share of a step.
+        optimizer = torch.optim.Adam(
+            params, lr=s.lr, weight_decay=s.weight_decay, fused=self.device.type in ("cpu", "cuda")
+        )
+        generator = torch.Generator().manual_seed(self.context.seed)
+        best, stale = math.inf, 0
+        bar = tqdm(
+            range(s.epochs), desc="fastflow", unit="epoch", disable=not self.context.progress
+        )
+        for _ in bar:
+            total = torch.zeros((), device=self.device)
+            count = 0
+            for batch in train.batches(s.batch_size, shuffle=True, generator=generator):
+                features = [batch[k] for k in self.layers]
+                loss = fastflow_loss(*model(features))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                n = features[0].shape[0]
+                total += loss.detach() * n
+                count += n
+            epoch_loss = float(total) / count
+            self.history.append(epoch_loss)
+            bar.set_postfix(loss=f"{epoch_loss:.4g}")
+            if s.early_stop_patience > 0:
+                if epoch_loss < best - s.early_stop_min_delta:
+                    best, stale = epoch_loss, 0
+                else:
+                    stale += 1
+                    if stale >= s.early_stop_patience:
+                        break
+        model.eval()
+
+    @torch.no_grad()
+    def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        model = self._model.eval()
+        latents, _ = model([features[k].to(self.device) for k in self.layers])
+        maps = anomaly_map(latents, self.context.output_size)
+        return maps.amax(dim=(1, 2)), maps
+
+
+register_variant("fastflow-3x3", FastFlow, conv3x3_only=True)
+
+
+def count_trainable(
+    backbone: str, settings: FastFlowSettings, layer_norm: bool | None = None
+) -> dict[str, int]:
+    """Trainable parameters of the flows and LayerNorms, from known feature shapes only.
+
+    Built on the meta device: no memory, no backbone, no weights.
+    """
+    if backbone not in KNOWN_FEATURES:
+        raise BenchError(f"no known feature shapes for '{backbone}'")
+    size = settings.input_size
+    shapes = [(c, size // stride, size // stride) for c, stride in KNOWN_FEATURES[backbone]]
+    if layer_norm is None:
+        layer_norm = backbone_spec(backbone).kind == "cnn"
+    with torch.device("meta"):
+        model = FastFlowModel(
+            shapes, settings.flow_steps, settings.hidden_ratio, settings.conv3x3_only, layer_norm
+        )
+
+    def trainable(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    flows, norms = trainable(model.flows), trainable(model.norms)
+    return {"flows": flows, "norms": norms, "total": flows + norms}

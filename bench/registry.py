@@ -1,0 +1,96 @@
+"""Name -> plugin lookup for methods, datasets and backbones, plus entry-point plugins.
+
+Built-in plugins register themselves with a decorator when their module is imported;
+third-party packages expose a module under the ``flowad_bench.plugins`` entry-point group
+and register the same way on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from bench.errors import BenchError
+
+T = TypeVar("T")
+
+ENTRY_POINT_GROUP = "flowad_bench.plugins"
+
+# Every module in these packages is imported, so a new plugin is one file with a decorator.
+_BUILTIN_PACKAGES = ("bench.datasets", "bench.methods")
+
+
+@dataclass
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry(Generic[T]):
+    """A named table of plugins; unknown names raise an error listing the known ones."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            self.add(name, obj, **meta)
+            return obj
+
+        return decorator
+
+    def add(self, name: str, obj: T, **meta: Any) -> None:
+        if name in self._entries and self._entries[name].obj is not obj:
+            raise BenchError(f"{self.kind} '{name}' is registered twice")
+        self._entries[name] = Entry(name, obj, meta)
+
+    def entry(self, name: str) -> Entry[T]:
+        load_plugins()
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "(none)"
+            raise BenchError(f"unknown {self.kind} '{name}'; known: {known}")
+        return self._entries[name]
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def names(self) -> list[str]:
+        load_plugins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        load_plugins()
+        return name in self._entries
+
+
+METHODS: Registry[Any] = Registry("method")
+DATASETS: Registry[Any] = Registry("dataset")
+BACKBONES: Registry[Any] = Registry("backbone")
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the built-in plugin modules and every installed entry-point plugin once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    importlib.import_module("bench.extractor")
+    for package_name in _BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package_name}.{info.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken third-party plugin must not hide the others
+            raise BenchError(
+                f"plugin '{ep.name}' ({ep.value}) from group {ENTRY_POINT_GROUP} failed to load: {exc}"
+            ) from exc

@@ -1,0 +1,150 @@
+"""Tables from result rows: category x method, a mean row, mean +- std over seeds.
+
+Values are printed in percent, as the papers print them. A metric a dataset cannot have
+(pixel metrics on CIFAR-10) is shown as a dash, never as zero.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.metrics import METRIC_LABELS
+
+TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+MISSING = "–"
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    if "settings" in frame:
+        frame["settings"] = frame["settings"].map(lambda s: json.dumps(s, sort_keys=True))
+    return frame
+
+
+def _column_keys(frame: pd.DataFrame) -> list[str]:
+    """Method always; backbone and reference only when the run has several of them."""
+    keys = ["method"]
+    for extra in ("backbone", "reference"):
+        if frame[extra].nunique() > 1:
+            keys.append(extra)
+    return keys
+
+
+def _column_name(key: Any) -> str:
+    return key if isinstance(key, str) else " / ".join(str(k) for k in key)
+
+
+def _fmt(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return MISSING
+    mean = 100 * values.mean()
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * values.std(ddof=1):.1f}"
+
+
+def metric_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows: categories in run order, then 'mean'; columns: methods; cells: mean ± std."""
+    keys = _column_keys(frame)
+    categories = list(dict.fromkeys(frame["category"]))
+    columns = list(dict.fromkeys(map(tuple, frame[keys].values.tolist())))
+    table: dict[str, dict[str, str]] = {}
+    for column in columns:
+        name = _column_name(column if len(column) > 1 else column[0])
+        part = frame[(frame[keys].apply(tuple, axis=1)) == column]
+        cells = {}
+        for category in categories:
+            cells[category] = _fmt(part.loc[part["category"] == category, metric].astype(float))
+        per_seed = part.groupby("seed")[metric].apply(lambda s: s.astype(float).mean())
+        cells["mean"] = _fmt(per_seed) if part[metric].notna().any() else MISSING
+        table[name] = cells
+    result = pd.DataFrame(table)
+    result.index.name = "category"
+    return result
+
+
+def caption(frame: pd.DataFrame, metric: str) -> str:
+    seeds = sorted(frame["seed"].unique().tolist())
+    weights = ", ".join(sorted(frame["weights"].unique()))
+    refs = ", ".join(sorted(frame["reference"].unique()))
+    text = (
+        f"{METRIC_LABELS[metric]} (%) on {', '.join(sorted(frame['dataset'].unique()))}; "
+        f"reference {refs}; weights {weights}; "
+        f"{'mean ± std over seeds ' if len(seeds) > 1 else 'seed '}{', '.join(map(str, seeds))}."
+    )
+    if not frame["pretrained"].all():
+        text += " Backbone NOT ImageNet-pretrained: not comparable with published numbers."
+    return text
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    header = "| " + " | ".join([table.index.name, *table.columns]) + " |"
+    rule = "|" + "---|" * (len(table.columns) + 1)
+    lines = [f"**{title}**", "", header, rule]
+    for index, row in table.iterrows():
+        label = f"**{index}**" if index == "mean" else str(index)
+        lines.append("| " + " | ".join([label, *row.tolist()]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    return (
+        text.replace("\\", r"\textbackslash{}")
+        .replace("_", r"\_")
+        .replace("%", r"\%")
+        .replace("±", r"$\pm$")
+    )
+
+
+def to_latex(table: pd.DataFrame, title: str) -> str:
+    spec = "l" + "c" * len(table.columns)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_tex(title)}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(_tex(c) for c in [table.index.name, *table.columns]) + r" \\",
+        r"\midrule",
+    ]
+    for index, row in table.iterrows():
+        if index == "mean":
+            lines.append(r"\midrule")
+        lines.append(" & ".join(_tex(str(c)) for c in [index, *row.tolist()]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def numeric_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean and std per category and column, as numbers in [0, 1], for CSV export."""
+    keys = _column_keys(frame)
+    grouped = frame.groupby(["category", *keys])[metric]
+    out = grouped.agg(["mean", "std", "count"]).reset_index()
+    out.insert(0, "metric", metric)
+    return out
+
+
+def write_tables(frame: pd.DataFrame, folder: Path) -> str:
+    """Write results.csv, tables.md, tables.tex and tables.csv; return the markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / "results.csv", index=False)
+    markdown, latex, numeric = [], [], []
+    for metric in TABLE_METRICS:
+        if metric not in frame:
+            continue
+        table = metric_table(frame, metric)
+        title = caption(frame, metric)
+        markdown.append(to_markdown(table, title))
+        latex.append(to_latex(table, title))
+        numeric.append(numeric_table(frame, metric))
+    text = "\n".join(markdown)
+    (folder / "tables.md").write_text(text)
+    (folder / "tables.tex").write_text("\n".join(latex))
+    if numeric:
+        pd.concat(numeric).to_csv(folder / "tables.csv", index=False)
+    return text

@@ -1,0 +1,312 @@
+"""Fit time, test time and AUROC: bench's CFLOW-AD against anomalib 2.7's Cflow (a benchmark, not a test).
+
+Both sides train the anomalib reference configuration (fiber batch 64, lr 1e-4, hard
+permutation, per-batch normalisation, random-init backbone) on the first N training images
+of one MVTec-layout category, for the same number of epochs:
+- bench: features extracted once (ImageSet -> FeatureExtractor -> CachedFeatures), then
+  CFlow.fit; testing is test-feature extraction plus CFlow.predict (batches of 32);
+- anomalib: ``Engine.fit`` as it runs by default (validation on the test split every epoch)
+  and ``Engine.test`` with the visualiser off unless ``--anomalib-visualizer``, in a separate
+  interpreter (``--anomalib-python``), since anomalib is no dependency of bench.
+Test time is wall time per test image including image loading; AUROCs are sklearn's on the
+raw scores and maps (bench) and anomalib's own test metrics (anomalib). Per-batch
+normalisation makes both depend on how the test set is batched, so small AUROC gaps are
+expected even with identical models.
+
+    python scripts/compare_anomalib_cflow.py --data-root /work/shared/data/mvtec \\
+        --category bottle --anomalib-python /work/anovenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+from bench.datasets.base import ImageSet, list_images, load_ground_truth
+from bench.extractor import FeatureExtractor
+from bench.features import CachedFeatures
+from bench.methods.base import MethodContext
+from bench.methods.cflow import CFlow
+from bench.registry import DATASETS
+
+REFERENCE = "anomalib"
+
+ANOMALIB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import torch
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models import Cflow
+
+    cfg = json.loads(sys.argv[1])
+    torch.manual_seed(cfg["seed"])
+    size = (cfg["input_size"], cfg["input_size"])
+    datamodule = MVTecAD(
+        root=cfg["root"],
+        category=cfg["category"],
+        train_batch_size=cfg["batch_size"],
+        eval_batch_size=32,
+        num_workers=cfg["workers"],
+    )
+    start = time.perf_counter()
+    model = Cflow(
+        backbone=cfg["backbone"],
+        pre_trained=False,
+        pre_processor=Cflow.configure_pre_processor(image_size=size),
+        visualizer=cfg["visualizer"],
+    )
+    build = time.perf_counter() - start
+    if cfg["init_path"]:
+        torch.save(model.model.state_dict(), cfg["init_path"])
+    engine = Engine(
+        max_epochs=cfg["epochs"],
+        accelerator=cfg["accelerator"],
+        devices=1,
+        default_root_dir=cfg["workdir"],
+        enable_progress_bar=False,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    test = time.perf_counter() - start
+    images = len(datamodule.test_data)
+    print("RESULT " + json.dumps({
+        "build": build,
+        "fit": fit,
+        "test": test,
+        "test_images": images,
+        "image_auroc": float(metrics.get("image_AUROC", float("nan"))),
+        "pixel_auroc": float(metrics.get("pixel_AUROC", float("nan"))),
+    }))
+    """
+)
+
+
+def subset_folder(data_root: Path, category: str, train: int, test_per_defect: int | None) -> Path:
+    """An MVTec-layout copy with the first ``train`` normal images and some test images.
+
+    Copies, not symlinks: anomalib refuses files that resolve outside its dataset root.
+    """
+    source = data_root / category
+    root = Path(tempfile.mkdtemp(prefix="cflow-compare-"))
+    target = root / category
+    (target / "train" / "good").mkdir(parents=True)
+    for path in list_images(source / "train" / "good")[:train]:
+        shutil.copy2(path, target / "train" / "good" / path.name)
+    for defect_dir in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
+        (target / "test" / defect_dir.name).mkdir(parents=True)
+        for path in list_images(defect_dir)[:test_per_defect]:
+            shutil.copy2(path, target / "test" / defect_dir.name / path.name)
+            mask = source / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
+            if mask.is_file():
+                (target / "ground_truth" / defect_dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(mask, target / "ground_truth" / defect_dir.name / mask.name)
+    return root
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(
+    args: argparse.Namespace, root: Path, device: torch.device, init: Path | None
+) -> dict:
+    """bench's CFLOW-AD: build, fit (extraction + training), test (extraction + predict).
+
+    With ``init`` (anomalib's initial state dict) the random backbone and decoders start
+    from anomalib's values, so the AUROCs compare training, not two random draws.
+    """
+    dataset = DATASETS.get("mvtec")(root)
+    train, test = dataset.train(args.category), dataset.test(args.category)
+    settings = dataclasses.replace(
+        CFlow.default_settings(args.backbone, REFERENCE),
+        input_size=args.input_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_chunk=args.eval_chunk,
+    )
+    pre = CFlow.preprocess(args.backbone, REFERENCE, settings)
+    start = time.perf_counter()
+    extractor = FeatureExtractor(
+        args.backbone,
+        CFlow.needs(args.backbone, settings),
+        weights="random",
+        provenance=CFlow.weights_provenance(args.backbone, REFERENCE),
+        input_size=pre.output_size,
+    ).to(device)
+    context = MethodContext(
+        backbone=args.backbone,
+        reference=REFERENCE,
+        channels=dict(extractor.channels),
+        shapes=dict(extractor.shapes),
+        output_size=pre.output_size,
+        device=device,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    method = CFlow(settings, context)
+    _sync(device)
+    build = time.perf_counter() - start
+    if init is not None:
+        state = torch.load(init, map_location=device, weights_only=True)
+        prefix = "encoder.feature_extractor."
+        encoder = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        extractor.model.load_state_dict(encoder)
+        method.load_state_dict({k: v for k, v in state.items() if k.startswith("decoders.")})
+        del state
+
+    def loader(samples: list) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            ImageSet(samples, pre), batch_size=32, num_workers=args.workers
+        )
+
+    start = time.perf_counter()
+    features = CachedFeatures.extract(extractor, loader(train), device)
+    extracted = time.perf_counter() - start
+    method.fit(features)
+    _sync(device)
+    fit = time.perf_counter() - start
+
+    start = time.perf_counter()
+    test_features = CachedFeatures.extract(extractor, loader(test), device)
+    outputs = [(s.cpu(), m.cpu()) for s, m in method.predict(test_features, batch_size=32)]
+    _sync(device)
+    tested = time.perf_counter() - start
+
+    scores = torch.cat([s for s, _ in outputs]).double().numpy()
+    maps = torch.cat([m for _, m in outputs]).double().numpy()
+    truth = load_ground_truth(test, pre, dataset.has_masks)
+    image_auroc = roc_auc_score(truth.labels, scores)
+    pixel_auroc = float("nan")
+    if truth.masks is not None and 0 < truth.masks.sum() < truth.masks.size:
+        pixel_auroc = roc_auc_score(truth.masks.ravel(), maps.ravel())
+    return {
+        "build": build,
+        "fit": fit,
+        "extract_train": extracted,
+        "test": tested,
+        "test_images": len(test),
+        "image_auroc": float(image_auroc),
+        "pixel_auroc": float(pixel_auroc),
+        "final_loss": method.history[-1] if method.history else float("nan"),
+    }
+
+
+def run_anomalib(
+    args: argparse.Namespace, root: Path, device: torch.device, init: Path | None
+) -> dict:
+    """anomalib's Engine.fit and Engine.test in its own interpreter; returns its figures.
+
+    With ``init`` it first saves its freshly built model's state dict there.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="cflow-anomalib-"))
+    script = workdir / "run_anomalib.py"
+    script.write_text(ANOMALIB_SCRIPT)
+    cfg = {
+        "root": str(root),
+        "category": args.category,
+        "backbone": args.backbone,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "seed": args.seed,
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "visualizer": args.anomalib_visualizer,
+        "workdir": str(workdir),
+        "init_path": str(init) if init else "",
+    }
+    proc = subprocess.run(
+        [args.anomalib_python, str(script), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"anomalib run failed:\n{proc.stderr[-4000:]}")
+    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return json.loads(line[len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, required=True, help="MVTec-layout folder")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--backbone", default="wide_resnet50_2")
+    parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--train-images", type=int, default=40)
+    parser.add_argument("--test-per-defect", type=int, default=None, help="default: all")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--anomalib-python", default="/work/anovenv/bin/python")
+    parser.add_argument("--anomalib-visualizer", action="store_true")
+    parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument(
+        "--independent-init",
+        action="store_true",
+        help="do not start bench from anomalib's initial (random) weights",
+    )
+    parser.add_argument(
+        "--eval-chunk", type=int, default=4096, help="cflow.eval_chunk; 0 = fiber batch"
+    )
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)
+    init = None if (args.skip_anomalib or args.independent_init) else root / "init.pt"
+    try:
+        theirs = None if args.skip_anomalib else run_anomalib(args, root, device, init)
+        ours = run_bench(args, root, device, init)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(
+        f"\n{args.backbone}, {args.input_size}px, {args.train_images} train images, "
+        f"{ours['test_images']} test images, {args.epochs} epoch(s), {device}"
+    )
+    rows = [("bench", ours)] + ([("anomalib", theirs)] if theirs else [])
+    print(f"{'':10}{'fit s':>10}{'test s/img':>12}{'image AUROC':>13}{'pixel AUROC':>13}")
+    for name, r in rows:
+        per_image = r["test"] / max(r["test_images"], 1)
+        print(
+            f"{name:10}{r['fit']:>10.2f}{per_image:>12.4f}"
+            f"{r['image_auroc']:>13.4f}{r['pixel_auroc']:>13.4f}"
+        )
+    if theirs:
+        fit_ratio = ours["fit"] / theirs["fit"]
+        test_ratio = (ours["test"] / ours["test_images"]) / (theirs["test"] / theirs["test_images"])
+        print(
+            f"\nfit ratio bench/anomalib {fit_ratio:.3f} (target <= 0.5); "
+            f"test ratio {test_ratio:.3f} (target <= 0.333); "
+            f"AUROC gaps image {abs(ours['image_auroc'] - theirs['image_auroc']):.4f}, "
+            f"pixel {abs(ours['pixel_auroc'] - theirs['pixel_auroc']):.4f} (target <= 0.02)"
+        )
+    print(json.dumps({"bench": ours, "anomalib": theirs, "config": vars(args)}, default=str))
+
+
+if __name__ == "__main__":
+    main()

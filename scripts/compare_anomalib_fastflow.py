@@ -1,0 +1,286 @@
+"""Fit time and test latency: bench's FastFlow against anomalib 2.7's Fastflow (a benchmark, not a test).
+
+Both sides train the same configuration (ResNet18, random init, conv3x3-only, 256 input,
+Adam 1e-3 / 1e-5) on the first N training images of one MVTec-layout category:
+- bench: feature extraction once (ImageSet -> FeatureExtractor -> CachedFeatures), then
+  FastFlow.fit on the cached features;
+- anomalib: ``Engine.fit`` as it runs by default (validation on the test split every epoch),
+  and again with the per-epoch validation switched off (``limit_val_batches=0``,
+  ``num_sanity_val_steps=0``; Fastflow adds no early stopping by itself). It runs in a
+  separate interpreter (``--anomalib-python``), since anomalib is no dependency of bench.
+Latency is per image at batch 1, end to end (image tensor -> backbone -> map), after warm-up.
+
+    python scripts/compare_anomalib_fastflow.py --data-root /work/shared/data/mvtec \\
+        --category bottle --anomalib-python /work/anovenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.datasets.base import ImageSet, list_images
+from bench.extractor import FeatureExtractor
+from bench.features import CachedFeatures
+from bench.methods.base import MethodContext
+from bench.methods.fastflow import FastFlow
+from bench.registry import DATASETS
+
+ANOMALIB_SCRIPT = textwrap.dedent(
+    """
+    import json, statistics, sys, time
+    import torch
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models import Fastflow
+
+    cfg = json.loads(sys.argv[1])
+    torch.manual_seed(cfg["seed"])
+    size = (cfg["input_size"], cfg["input_size"])
+    datamodule = MVTecAD(
+        root=cfg["root"],
+        category=cfg["category"],
+        train_batch_size=cfg["batch_size"],
+        eval_batch_size=32,
+        num_workers=cfg["workers"],
+    )
+    start = time.perf_counter()
+    model = Fastflow(
+        backbone=cfg["backbone"],
+        pre_trained=False,
+        conv3x3_only=True,
+        pre_processor=Fastflow.configure_pre_processor(image_size=size),
+    )
+    build = time.perf_counter() - start
+    extra = {"limit_val_batches": 0, "num_sanity_val_steps": 0} if cfg["no_validation"] else {}
+    engine = Engine(
+        max_epochs=cfg["epochs"],
+        accelerator=cfg["accelerator"],
+        devices=1,
+        default_root_dir=cfg["workdir"],
+        **extra,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    fit = time.perf_counter() - start
+    net = model.model.to(cfg["device"]).eval()
+    image = torch.randn(1, 3, *size, device=cfg["device"])
+    times = []
+    with torch.no_grad():
+        for i in range(cfg["warmup"] + cfg["repeats"]):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            net(image).anomaly_map
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= cfg["warmup"]:
+                times.append(time.perf_counter() - start)
+    print(json.dumps({"build": build, "fit": fit, "latency": times}))
+    """
+)
+
+
+def subset_folder(
+    data_root: Path, category: str, train: int, test_per_defect: int | None, root: Path
+) -> Path:
+    """An MVTec-layout copy: the first ``train`` normal images and some test images.
+
+    Copies, not symlinks: anomalib refuses files that resolve outside its dataset root.
+    """
+    source = data_root / category
+    target = root / category
+    (target / "train" / "good").mkdir(parents=True)
+    for path in list_images(source / "train" / "good")[:train]:
+        shutil.copy2(path, target / "train" / "good" / path.name)
+    for defect_dir in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
+        (target / "test" / defect_dir.name).mkdir(parents=True)
+        for path in list_images(defect_dir)[:test_per_defect]:
+            shutil.copy2(path, target / "test" / defect_dir.name / path.name)
+            mask = source / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
+            if mask.is_file():
+                (target / "ground_truth" / defect_dir.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(mask, target / "ground_truth" / defect_dir.name / mask.name)
+    return root
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
+) -> list[float]:
+    """Seconds per call, synchronised, after warm-up."""
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run_bench(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
+    """bench's FastFlow: build, fit (extraction + training) and batch-1 latency."""
+    dataset = DATASETS.get("mvtec")(root)
+    train, test = dataset.train(args.category), dataset.test(args.category)
+    settings = dataclasses.replace(
+        FastFlow.default_settings(args.backbone, "original"),
+        input_size=args.input_size,
+        conv3x3_only=True,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+    )
+    pre = FastFlow.preprocess(args.backbone, "original", settings)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    extractor = FeatureExtractor(
+        args.backbone,
+        FastFlow.needs(args.backbone, settings),
+        weights="random",
+        provenance=FastFlow.weights_provenance(args.backbone, "original"),
+        input_size=pre.output_size,
+    ).to(device)
+    context = MethodContext(
+        backbone=args.backbone,
+        reference="original",
+        channels=dict(extractor.channels),
+        shapes=dict(extractor.shapes),
+        output_size=pre.output_size,
+        device=device,
+        seed=args.seed,
+        progress=False,
+    )
+    method = FastFlow(settings, context)
+    _sync(device)
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(
+        ImageSet(train, pre), batch_size=args.batch_size, num_workers=args.workers
+    )
+    features = CachedFeatures.extract(extractor, loader, device)
+    extracted = time.perf_counter() - start
+    method.fit(features)
+    _sync(device)
+    fit = time.perf_counter() - start
+    image = ImageSet(test[:1], pre)[0].unsqueeze(0).to(device)
+    with torch.no_grad():
+        times = latency(
+            lambda: method.predict_batch(extractor(image)), device, args.warmup, args.repeats
+        )
+    return {"build": build, "fit": fit, "extract": extracted, "latency": times}
+
+
+def run_anomalib(
+    args: argparse.Namespace, root: Path, device: torch.device, no_val: bool, workdir: Path
+) -> dict:
+    """anomalib's Engine.fit in its own interpreter; returns its timings."""
+    workdir.mkdir()
+    script = workdir / "run_anomalib.py"
+    script.write_text(ANOMALIB_SCRIPT)
+    cfg = {
+        "root": str(root),
+        "category": args.category,
+        "backbone": args.backbone,
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "seed": args.seed,
+        "no_validation": no_val,
+        "accelerator": "gpu" if device.type == "cuda" else "cpu",
+        "device": str(device),
+        "workdir": str(workdir),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+    done = subprocess.run(
+        [args.anomalib_python, str(script), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"anomalib run failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(name: str, result: dict, reference_fit: float | None) -> str:
+    times = sorted(result["latency"])
+    median = statistics.median(times) * 1e3
+    p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))] * 1e3
+    ratio = f"{result['fit'] / reference_fit:.2f}" if reference_fit else "1.00"
+    return (
+        f"| {name} | {result['build']:.2f} | {result['fit']:.2f} | {ratio} "
+        f"| {median:.1f} | {p95:.1f} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, required=True, help="folder holding categories")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--train-images", type=int, default=40)
+    parser.add_argument("--test-per-defect", type=int, default=None, help="default: all")
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--anomalib-python", help="python with anomalib 2.7; omit to skip it")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="ff-compare-") as tmp:
+        root = subset_folder(
+            args.data_root,
+            args.category,
+            args.train_images,
+            args.test_per_defect,
+            Path(tmp) / "data",
+        )
+        ours = run_bench(args, root, device)
+        if args.anomalib_python:
+            default = run_anomalib(args, root, device, False, Path(tmp) / "anomalib-default")
+            no_val = run_anomalib(args, root, device, True, Path(tmp) / "anomalib-no-val")
+    rows = [_row("bench FastFlow", ours, None)]
+    if args.anomalib_python:
+        rows.append(
+            _row("anomalib Engine.fit (default: validation each epoch)", default, ours["fit"])
+        )
+        rows.append(_row("anomalib Engine.fit (validation off)", no_val, ours["fit"]))
+    print(
+        f"\n{args.backbone}, {args.input_size}px, conv3x3-only, {args.train_images} train images, "
+        f"batch {args.batch_size}, {args.epochs} epochs, device {device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(f"bench feature extraction: {ours['extract']:.2f} s of its fit time\n")
+    print("| run | build (s) | fit (s) | fit / bench | latency median (ms) | latency p95 (ms) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

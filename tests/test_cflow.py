@@ -1,0 +1,263 @@
+"""CFLOW-AD fidelity checks against method_spec.md sections 3 and 6 (tiny sizes, no reference code)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from bench.features import CachedFeatures
+from bench.methods.base import MethodContext
+from bench.methods.cflow import (
+    CFlow,
+    CFlowModel,
+    CFlowSettings,
+    build_decoder,
+    fiber_loss,
+    learning_rate,
+    log_likelihood,
+    positional_encoding_2d,
+)
+
+CHANNELS = {"layer2": 8, "layer3": 12, "layer4": 16}
+SHAPES = {"layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds spin-waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_settings(reference: str, **changes) -> CFlowSettings:
+    base = CFlow.default_settings("resnet18", reference)
+    small = dict(
+        condition_vector=8, coupling_blocks=2, fiber_batch=8, batch_size=4, epochs=1, sub_epochs=1
+    )
+    return dataclasses.replace(base, **{**small, **changes})
+
+
+def context(reference: str, seed: int = 0) -> MethodContext:
+    return MethodContext(
+        backbone="resnet18",
+        reference=reference,
+        channels=CHANNELS,
+        shapes=SHAPES,
+        output_size=(32, 32),
+        device=torch.device("cpu"),
+        seed=seed,
+        progress=False,
+    )
+
+
+def random_features(n: int, seed: int = 1) -> CachedFeatures:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(n, c, *SHAPES[k], generator=gen) for k, c in CHANNELS.items()}
+    return CachedFeatures(tensors, torch.device("cpu"))
+
+
+def perturbed_decoder(channels: int, cond: int, soft: bool, blocks: int = 3):
+    """A float64 decoder whose global affine parameters are away from their identity init."""
+    settings = CFlowSettings(condition_vector=cond, coupling_blocks=blocks, permute_soft=soft)
+    torch.manual_seed(0)
+    decoder = build_decoder(channels, settings, torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        for block in decoder.module_list:
+            block.global_scale.add_(torch.randn_like(block.global_scale))
+            block.global_offset.add_(torch.randn_like(block.global_offset))
+    return decoder
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_decoder_is_invertible_given_its_condition(soft: bool) -> None:
+    decoder = perturbed_decoder(12, 8, soft)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    c = torch.randn(5, 8, dtype=torch.float64)
+    z, log_det = decoder(x, [c])
+    back, log_det_rev = decoder(z, [c], rev=True)
+    # A rotation stored in float32 (as FrEIA stores it) has a transpose that is its inverse
+    # only to float32 precision; a permutation's is exact.
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-5 if soft else 1e-10)
+    torch.testing.assert_close(log_det_rev, -log_det, rtol=0, atol=1e-6 if soft else 1e-10)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_log_det_matches_brute_force_jacobian(soft: bool) -> None:
+    decoder = perturbed_decoder(6, 4, soft)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    c = torch.randn(3, 4, dtype=torch.float64)
+    _, log_det = decoder(x, [c])
+    for i in range(3):
+        jac = torch.autograd.functional.jacobian(
+            lambda row, i=i: decoder(row.unsqueeze(0), [c[i : i + 1]])[0][0], x[i]
+        )
+        _, logabs = torch.linalg.slogdet(jac)
+        # The float32 rotation's determinant is 1 only to float32 precision.
+        torch.testing.assert_close(log_det[i], logabs, rtol=0, atol=1e-6 if soft else 1e-9)
+
+
+def test_gather_permutation_equals_one_hot_product() -> None:
+    decoder = perturbed_decoder(10, 4, soft=False).float()
+    x, c = torch.randn(7, 10), torch.randn(7, 4)
+    z, log_det = decoder(x, [c])
+    for block in decoder.module_list:
+        assert block.perm_index is not None
+        block.perm_index = None  # fall back to FrEIA's dense product
+    z_dense, log_det_dense = decoder(x, [c])
+    assert torch.equal(z, z_dense) and torch.equal(log_det, log_det_dense)
+
+
+def test_positional_encoding_matches_formula() -> None:
+    h, w = 5, 7
+    p = positional_encoding_2d(128, h, w)
+    assert p.shape == (128, h, w)
+    ys, xs = torch.meshgrid(torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    torch.testing.assert_close(p[0], torch.sin(xs))
+    torch.testing.assert_close(p[1], torch.cos(xs))
+    torch.testing.assert_close(p[64], torch.sin(ys))
+    torch.testing.assert_close(p[65], torch.cos(ys))
+    torch.testing.assert_close(p[2], torch.sin(xs * 10000 ** (-2 / 64)))
+    torch.testing.assert_close(p[67], torch.cos(ys * 10000 ** (-2 / 64)))
+
+
+def test_likelihood_and_loss_closed_form() -> None:
+    z = torch.tensor([[0.5, -1.0, 2.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    log_det = torch.tensor([1.5, -0.25])
+    c = 4
+    expected = [
+        c * -0.9189385332046727 - 0.5 * sum(v * v for v in row) + d
+        for row, d in zip(z.tolist(), log_det.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(log_likelihood(z, log_det, c), torch.tensor(expected))
+    assert pytest.approx(-0.5 * math.log(2 * math.pi), abs=1e-15) == -0.9189385332046727
+    loss = [math.log1p(math.exp(-value / c)) for value in expected]
+    torch.testing.assert_close(fiber_loss(z, log_det, c), torch.tensor(loss))
+
+
+@pytest.mark.parametrize(
+    ("channels", "per_layer"),
+    [
+        ((128, 256, 512), (989_184, 2_107_392, 5_523_456)),
+        ((512, 1024, 2048), (5_523_456, 17_074_176, 59_049_984)),
+    ],
+)
+def test_trainable_parameter_counts(channels, per_layer) -> None:
+    settings = CFlow.default_settings("any", "anomalib")
+    with torch.device("meta"):
+        model = CFlowModel(list(channels), settings, seed=0)
+    counts = [
+        sum(p.numel() for p in decoder.parameters() if p.requires_grad)
+        for decoder in model.decoders
+    ]
+    assert tuple(counts) == per_layer
+    assert sum(counts) == {128: 8_620_032, 512: 81_647_616}[channels[0]]
+
+
+def test_learning_rate_schedule() -> None:
+    s = CFlow.default_settings("resnet18", "original")
+    steps = 8 * 4  # sub-epochs x image batches per pass
+    eta_min = 2e-4 * 0.1**3
+    warm_to = eta_min + (2e-4 - eta_min) * (1 + math.cos(2 * math.pi / 25)) / 2
+    assert warm_to == pytest.approx(1.9687e-4, rel=1e-4)
+    assert learning_rate(s, 0, 0, steps) == pytest.approx(2e-5)
+    halfway = 2e-5 + 0.5 * (warm_to - 2e-5)
+    assert learning_rate(s, 1, 0, steps) == pytest.approx(halfway)
+    last = 2e-5 + (2 * steps - 1) / (2 * steps) * (warm_to - 2e-5)
+    assert learning_rate(s, 1, steps - 1, steps) == pytest.approx(last)
+    assert learning_rate(s, 2, 0, steps) == pytest.approx(warm_to)
+    cosine_12 = eta_min + (2e-4 - eta_min) * (1 + math.cos(math.pi * 12 / 25)) / 2
+    assert learning_rate(s, 12, 5, steps) == pytest.approx(cosine_12)
+    assert learning_rate(s, 12, 5, steps) == learning_rate(s, 12, 30, steps)
+    a = CFlow.default_settings("resnet18", "anomalib")
+    assert {learning_rate(a, e, i, 10) for e in (0, 3) for i in (0, 9)} == {1e-4}
+
+
+def test_reference_defaults_and_declarations() -> None:
+    o = CFlow.default_settings("wide_resnet50_2", "original")
+    a = CFlow.default_settings("wide_resnet50_2", "anomalib")
+    assert (o.fiber_batch, o.lr, o.epochs, o.sub_epochs, o.permute_soft) == (256, 2e-4, 25, 8, True)
+    assert (a.fiber_batch, a.lr, a.sub_epochs, a.permute_soft) == (64, 1e-4, 1, False)
+    assert not o.fold_remainder and a.fold_remainder
+    assert (o.normalisation, a.normalisation) == ("test-set", "batch")
+    assert CFlow.needs("resnet18", o) == ["layer2", "layer3", "layer4"]
+    assert CFlow.needs("resnet18", dataclasses.replace(o, pool_layers=2)) == ["layer3", "layer4"]
+    assert CFlow.weights_provenance("resnet18", "original") == "torchvision"
+    assert CFlow.weights_provenance("resnet18", "anomalib") == "timm"
+    assert CFlow.preprocess("resnet18", "original", o).resample == "lanczos"
+    assert CFlow.preprocess("resnet18", "anomalib", a).resample == "bilinear"
+    assert CFlow.train_augmentation(a, "anomalib") is None
+    rotation = CFlow.train_augmentation(o, "original")
+    assert list(rotation.degrees) == [-5.0, 5.0] and rotation.fill == 0
+    assert rotation.interpolation.value == "nearest" and not rotation.expand
+    image = Image.new("RGB", (16, 16), (200, 100, 50))
+    rotated = rotation(image)
+    assert rotated.size == image.size and rotated.mode == "RGB"
+
+
+@pytest.mark.parametrize("reference", ["original", "anomalib"])
+def test_fit_and_predict_shapes(reference: str) -> None:
+    method = CFlow(tiny_settings(reference, epochs=2, sub_epochs=2), context(reference))
+    method.fit(random_features(10))
+    assert len(method.history) == 2 and all(math.isfinite(v) for v in method.history)
+    outputs = list(method.predict(random_features(6, seed=2), batch_size=4))
+    assert [tuple(m.shape) for _, m in outputs] == [(4, 32, 32), (2, 32, 32)]
+    assert [tuple(s.shape) for s, _ in outputs] == [(4,), (2,)]
+    for scores, maps in outputs:
+        assert torch.isfinite(maps).all() and (maps >= 0).all()
+        torch.testing.assert_close(scores, maps.amax(dim=(1, 2)))
+
+
+def test_remainder_fibers_dropped_or_folded() -> None:
+    seen = {}
+    for reference in ("original", "anomalib"):
+        method = CFlow(tiny_settings(reference, fiber_batch=12), context(reference))
+        _, used = method._train_batch(
+            next(random_features(4).batches(4)),
+            torch.optim.Adam([p for p in method.model.parameters() if p.requires_grad]),
+            torch.Generator().manual_seed(0),
+        )
+        seen[reference] = used
+    # 256, 64 and 16 fibers per layer; N = 12 leaves 4 in each layer.
+    assert seen["original"] == 252 + 60 + 12
+    assert seen["anomalib"] == 256 + 64 + 16
+
+
+def test_test_set_normalisation_ignores_batch_size_and_batch_does_not() -> None:
+    test = random_features(6, seed=3)
+    maps = {}
+    for reference in ("original", "anomalib"):
+        method = CFlow(tiny_settings(reference), context(reference))
+        method.fit(random_features(8))
+        for batch_size in (2, 6):
+            out = list(method.predict(test, batch_size=batch_size))
+            maps[reference, batch_size] = torch.cat([m for _, m in out])
+    torch.testing.assert_close(maps["original", 2], maps["original", 6], rtol=0, atol=1e-6)
+    assert not torch.allclose(maps["anomalib", 2], maps["anomalib", 6], atol=1e-3)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_state_dict_round_trip(soft: bool) -> None:
+    settings = tiny_settings("anomalib", permute_soft=soft)
+    first = CFlow(settings, context("anomalib", seed=0))
+    first.fit(random_features(8))
+    second = CFlow(settings, context("anomalib", seed=7))
+    second.load_state_dict(first.state_dict())
+    batch = next(random_features(3, seed=4).batches(3))
+    for a, b in zip(first.predict_batch(batch), second.predict_batch(batch), strict=True):
+        assert torch.equal(a, b)
+    assert first.trainable_parameters() == second.trainable_parameters()
+
+
+def test_eval_chunk_only_bounds_memory() -> None:
+    method = CFlow(tiny_settings("anomalib"), context("anomalib"))
+    method.fit(random_features(8))
+    batch = next(random_features(3, seed=5).batches(3))
+    chunked = method.predict_batch(batch)[1]
+    method.settings = dataclasses.replace(method.settings, eval_chunk=0)
+    torch.testing.assert_close(method.predict_batch(batch)[1], chunked, rtol=0, atol=1e-6)

@@ -1,0 +1,128 @@
+"""The shared extractor: stages, strides, freezing, and every weights policy."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+
+from bench.errors import BenchError
+from bench.extractor import FeatureExtractor, backbone_spec
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_resnet18_channels_strides_and_frozen():
+    ex = FeatureExtractor("resnet18", ["layer1", "layer2", "layer3"], "random", input_size=(64, 64))
+    assert ex.channels == {"layer1": 64, "layer2": 128, "layer3": 256}
+    assert ex.strides == {"layer1": 4, "layer2": 8, "layer3": 16}
+    assert ex.shapes["layer3"] == (4, 4)
+    assert not any(p.requires_grad for p in ex.parameters())
+    ex.train()
+    assert not ex.model.training
+    assert ex.weights.source == "random(seed=0)" and not ex.weights.pretrained
+
+
+def test_wide_resnet50_2_stages_for_cflow():
+    ex = FeatureExtractor(
+        "wide_resnet50_2", ["layer2", "layer3", "layer4"], "random", input_size=(64, 64)
+    )
+    assert ex.channels == {"layer2": 512, "layer3": 1024, "layer4": 2048}
+    assert ex.strides == {"layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def test_random_init_is_deterministic():
+    a = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
+    b = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(a(x)["layer2"], b(x)["layer2"])
+
+
+def test_local_checkpoint_loads_and_is_recorded(tmp_path):
+    torch.manual_seed(123)
+    full = timm.create_model("resnet18", pretrained=False).eval()
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": full.state_dict()}, path)
+    ex = FeatureExtractor("resnet18", ["layer1", "layer3"], str(path), input_size=(64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
+        l1 = full.layer1(h)
+        l3 = full.layer3(full.layer2(l1))
+    out = ex(x)
+    torch.testing.assert_close(out["layer1"], l1)
+    torch.testing.assert_close(out["layer3"], l3)
+    assert ex.weights.policy == "path" and ex.weights.pretrained
+    assert len(ex.weights.ident) == 16 and ex.weights.ident in ex.weights.describe()
+
+
+def test_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    full = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, path)
+    ex = FeatureExtractor("resnet18", ["layer1"], str(path), input_size=(32, 32))
+    torch.testing.assert_close(
+        ex.model.state_dict()["conv1.weight"], full.state_dict()["conv1.weight"]
+    )
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (
+            exec,
+            ("open('PWNED_PATH', 'w').write('x')".replace("PWNED_PATH", _Exploit.target),),
+        )
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    _Exploit.target = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pth"
+    with path.open("wb") as fh:
+        pickle.dump({"conv1.weight": _Exploit()}, fh)
+    with pytest.raises(BenchError, match="not a plain tensor checkpoint"):
+        FeatureExtractor("resnet18", ["layer1"], str(path), input_size=(32, 32))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_of_wrong_model_is_explained(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
+    with pytest.raises(BenchError, match="lacks|shape"):
+        FeatureExtractor("wide_resnet50_2", ["layer1"], str(path), input_size=(32, 32))
+
+
+def test_imagenet_never_falls_back(offline):
+    with pytest.raises(BenchError, match="resnet18.tv_in1k"):
+        FeatureExtractor("resnet18", ["layer1"], "imagenet", "torchvision", input_size=(32, 32))
+
+
+def test_auto_falls_back_loudly_and_records_it(offline):
+    with pytest.warns(UserWarning, match="RANDOM INITIALISATION"):
+        ex = FeatureExtractor("resnet18", ["layer1"], "auto", "timm", input_size=(32, 32))
+    assert ex.weights.policy == "auto" and not ex.weights.pretrained
+
+
+def test_explicit_tags_per_provenance():
+    spec = backbone_spec("wide_resnet50_2")
+    assert spec.tag_for("torchvision") == "wide_resnet50_2.tv_in1k"
+    assert spec.tag_for("timm-0.5.4") == "wide_resnet50_2.racm_in1k"
+    assert backbone_spec("resnet18").tag_for("timm") == "resnet18.a1_in1k"
+    assert backbone_spec("resnet34").kind == "cnn"  # any timm CNN by name
+
+
+def test_unknown_backbone_lists_known():
+    with pytest.raises(BenchError, match="resnet18"):
+        backbone_spec("not_a_backbone")
+
+
+def test_missing_checkpoint_or_policy():
+    with pytest.raises(BenchError, match="no such file"):
+        FeatureExtractor("resnet18", ["layer1"], "imagenet-ish", input_size=(32, 32))

@@ -1,0 +1,339 @@
+"""FastFlow fidelity (method_spec.md 2 and 6): the flow maths, counts, training, ViT path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import timm.models.cait
+import timm.models.deit
+import torch
+from FrEIA.framework import SequenceINN
+from FrEIA.modules import AllInOneBlock
+from torch import Tensor, nn
+
+from bench.extractor import FeatureExtractor
+from bench.features import CachedFeatures
+from bench.methods.base import MethodContext, apply_overrides
+from bench.methods.fastflow import (
+    FastFlow,
+    FastFlowSettings,
+    FlowStep,
+    anomaly_map,
+    build_flow,
+    count_trainable,
+    fastflow_loss,
+    subnet,
+)
+from bench.registry import METHODS
+
+CPU = torch.device("cpu")
+
+
+def _perturb(module: nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Move trainable tensors off their init so the global affine and offsets matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def _freia_flow(channels: int, size: int, steps: int, conv3x3_only: bool) -> SequenceINN:
+    np.random.seed(0)
+    inn = SequenceINN(channels, size, size)
+    for i in range(steps):
+        kernel = 1 if i % 2 == 1 and not conv3x3_only else 3
+        inn.append(
+            AllInOneBlock,
+            subnet_constructor=lambda c_in, c_out, k=kernel: subnet(c_in, c_out, k, 1.0),
+            affine_clamping=2.0,
+            permute_soft=False,
+        )
+    return inn
+
+
+@pytest.mark.parametrize("conv3x3_only", [False, True])
+def test_flow_equals_freia_all_in_one_block(conv3x3_only: bool) -> None:
+    torch.manual_seed(0)
+    reference = _freia_flow(7, 6, 4, conv3x3_only)
+    _perturb(reference)
+    ours = build_flow(7, 4, 1.0, conv3x3_only, torch.Generator().manual_seed(3))
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    ours.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 7, 6, 6)
+    z_ref, j_ref = reference(x)
+    z, j = ours(x)
+    assert torch.equal(z, z_ref) and torch.equal(j, j_ref)
+    x_ref, jr_ref = reference(z_ref, rev=True)
+    x_back, jr = ours.inverse(z)
+    torch.testing.assert_close(x_back, x_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(jr, jr_ref, rtol=1e-6, atol=1e-4)
+
+
+def test_flow_is_invertible() -> None:
+    torch.manual_seed(0)
+    flow = build_flow(6, 6, 1.0, False, torch.Generator().manual_seed(0)).double()
+    _perturb(flow, scale=0.2)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    z, log_det = flow(x)
+    x_back, log_det_inv = flow.inverse(z)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_det_inv, -log_det, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels", [4, 5])
+def test_log_det_equals_brute_force_jacobian(channels: int) -> None:
+    torch.manual_seed(1)
+    flow = build_flow(channels, 3, 1.0, False, torch.Generator().manual_seed(1)).double()
+    _perturb(flow, scale=0.3)
+    x = torch.randn(1, channels, 3, 3, dtype=torch.float64)
+    _, log_det = flow(x)
+    jac = torch.autograd.functional.jacobian(lambda v: flow(v.view_as(x))[0].flatten(), x.flatten())
+    # log |det J|: the permutations make the sign of det J +-1.
+    _, expected = torch.linalg.slogdet(jac)
+    torch.testing.assert_close(log_det[0], expected, rtol=0, atol=1e-9)
+
+
+def test_global_scale_starts_at_one() -> None:
+    step = build_flow(4, 1, 1.0, False).module_list[0]
+    torch.testing.assert_close(step.scale(), torch.ones(1, 4, 1, 1), rtol=0, atol=1e-6)
+
+
+class _Constant(nn.Module):
+    """A subnet that outputs a fixed tensor, so the clamp formula can be read off the log-det."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.value.expand(x.shape[0], -1, -1, -1).clone()
+
+
+def test_clamp_is_freia_0_2_formula() -> None:
+    a = torch.linspace(-30.0, 30.0, 4 * 2 * 2).view(1, 4, 2, 2)
+    step = FlowStep(4, _Constant(a), torch.arange(4))
+    with torch.no_grad():
+        step.global_scale.fill_(2.0 * np.log(np.exp(5.0) - 1.0))
+    x = torch.zeros(1, 4, 2, 2)
+    z, log_det = step(x)
+    n_pixels = 4
+    global_part = n_pixels * torch.log(step.scale()).sum()
+    s_freia = 2.0 * torch.tanh(0.1 * a[:, :2])
+    s_master = 2.0 * torch.tanh(0.1 * a[:, :2] / 2.0)
+    torch.testing.assert_close(log_det - global_part, s_freia.sum().view(1), rtol=1e-6, atol=1e-5)
+    assert abs(float(log_det.detach() - global_part.detach()) - float(s_master.sum())) > 0.1
+    # The shift is 0.1 * a[c2:], applied to a zero input.
+    torch.testing.assert_close(z[:, 2:] / step.scale()[:, 2:], 0.1 * a[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_loss_equals_hand_computed_nll() -> None:
+    gen = torch.Generator().manual_seed(0)
+    latents = [torch.randn(3, 4, 5, 5, generator=gen), torch.randn(3, 6, 2, 2, generator=gen)]
+    log_dets = [torch.randn(3, generator=gen), torch.randn(3, generator=gen)]
+    expected = 0.0
+    for z, j in zip(latents, log_dets, strict=True):
+        per_image = [0.5 * float((z[b] ** 2).sum()) - float(j[b]) for b in range(3)]
+        expected += sum(per_image) / 3
+    assert float(fastflow_loss(latents, log_dets)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_zero_latent_map_is_minus_one() -> None:
+    latents = [torch.zeros(2, 4, 8, 8), torch.zeros(2, 8, 4, 4)]
+    maps = anomaly_map(latents, (32, 32))
+    assert maps.shape == (2, 32, 32)
+    assert torch.equal(maps, torch.full((2, 32, 32), -1.0))
+
+
+SPEC_COUNTS = {
+    # backbone: (flows alternating, flows 3x3-only, LayerNorm)  -- method_spec.md 2.6
+    "resnet18": (2_593_024, 4_657_408, 917_504),
+    "wide_resnet50_2": (41_337_856, 74_368_000, 3_670_016),
+    "deit_base_distilled_patch16_384": (7_074_500, 12_696_260, 0),
+    "cait_m48_448": (7_074_500, 12_696_260, 0),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(SPEC_COUNTS))
+def test_parameter_counts_equal_spec(backbone: str) -> None:
+    alternating, only3, norms = SPEC_COUNTS[backbone]
+    settings = FastFlow.default_settings(backbone, "original")
+    for conv3x3_only, flows in ((False, alternating), (True, only3)):
+        counts = count_trainable(backbone, dataclasses.replace(settings, conv3x3_only=conv3x3_only))
+        assert counts == {"flows": flows, "norms": norms, "total": flows + norms}
+
+
+def test_permutation_matrices_are_not_trainable() -> None:
+    flow = build_flow(8, 2, 1.0, False)
+    frozen = [n for n, p in flow.named_parameters() if not p.requires_grad]
+    assert sorted(frozen) == sorted(
+        f"module_list.{k}.{name}" for k in range(2) for name in ("w_perm", "w_perm_inv")
+    )
+
+
+def test_default_settings_per_reference() -> None:
+    r18 = FastFlow.default_settings("resnet18", "original")
+    assert (r18.input_size, r18.flow_steps, r18.hidden_ratio, r18.conv3x3_only) == (
+        256,
+        8,
+        1.0,
+        True,
+    )
+    assert not FastFlow.default_settings("resnet18", "anomalib").conv3x3_only
+    cait = FastFlow.default_settings("cait_m48_448", "original")
+    assert (cait.input_size, cait.flow_steps, cait.hidden_ratio) == (448, 20, 0.16)
+    deit = FastFlow.default_settings("deit_base_distilled_patch16_384", "anomalib")
+    assert (deit.input_size, deit.flow_steps, deit.hidden_ratio) == (384, 8, 1.0)
+    assert (r18.lr, r18.weight_decay, r18.batch_size, r18.epochs) == (1e-3, 1e-5, 32, 500)
+    assert r18.early_stop_patience == 0
+    assert FastFlow.needs("wide_resnet50_2", r18) == ["layer1", "layer2", "layer3"]
+    assert FastFlow.needs("deit_base_distilled_patch16_384", deit) == ["blocks.7"]
+    assert FastFlow.needs("cait_m48_448", cait) == ["blocks.40"]
+    assert FastFlow.weights_provenance("resnet18", "original") == "timm-0.5.4"
+    assert FastFlow.weights_provenance("resnet18", "anomalib") == "timm"
+    pre = FastFlow.preprocess("cait_m48_448", "original", cait)
+    assert (pre.size, pre.crop, pre.resample) == ((448, 448), None, "bilinear")
+
+
+def test_variant_and_overrides() -> None:
+    entry = METHODS.entry("fastflow-3x3")
+    assert entry.obj is FastFlow
+    assert entry.meta["base"] == "fastflow"
+    assert entry.meta["settings"] == {"conv3x3_only": True}
+    settings = FastFlow.default_settings("wide_resnet50_2", "original")
+    changed = apply_overrides(settings, {"conv3x3_only": "true", "epochs": "3"}, "fastflow")
+    assert changed.conv3x3_only is True and changed.epochs == 3
+
+
+def _context(**kwargs) -> MethodContext:
+    base = {
+        "backbone": "resnet18",
+        "reference": "original",
+        "channels": {"layer1": 6, "layer2": 8, "layer3": 10},
+        "shapes": {"layer1": (8, 8), "layer2": (4, 4), "layer3": (2, 2)},
+        "output_size": (32, 32),
+        "device": CPU,
+        "seed": 0,
+        "progress": False,
+    }
+    base.update(kwargs)
+    return MethodContext(**base)
+
+
+def _tiny_settings(**kwargs) -> FastFlowSettings:
+    base = {"input_size": 32, "flow_steps": 2, "epochs": 6, "batch_size": 4, "lr": 2e-3}
+    base.update(kwargs)
+    return FastFlowSettings(**base)
+
+
+def _random_features(context: MethodContext, n: int, seed: int = 0) -> CachedFeatures:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        k: torch.randn(n, c, *context.shapes[k], generator=gen) for k, c in context.channels.items()
+    }
+    return CachedFeatures(tensors, CPU)
+
+
+def test_fit_reduces_loss_and_predicts_maps() -> None:
+    context = _context()
+    method = FastFlow(_tiny_settings(), context)
+    assert len(method.model.norms) == 3
+    method.fit(_random_features(context, 10))
+    assert len(method.history) == 6
+    assert method.history[-1] < method.history[0]
+    scores, maps = method.predict_batch(next(_random_features(context, 5, seed=1).batches(5)))
+    assert maps.shape == (5, 32, 32) and scores.shape == (5,)
+    assert torch.equal(scores, maps.amax(dim=(1, 2)))
+    assert bool((maps < 0).all() and (maps >= -1).all())
+
+
+def test_early_stop_on_training_loss() -> None:
+    context = _context()
+    settings = _tiny_settings(early_stop_patience=1, early_stop_min_delta=1e9)
+    method = FastFlow(settings, context)
+    method.fit(_random_features(context, 4))
+    assert len(method.history) == 2
+
+
+def test_seeded_fit_is_reproducible() -> None:
+    context = _context()
+    runs = []
+    for _ in range(2):
+        method = FastFlow(_tiny_settings(epochs=2), context)
+        method.fit(_random_features(context, 6))
+        runs.append(method.history)
+    assert runs[0] == runs[1]
+
+
+def test_state_dict_round_trip_gives_identical_maps(tmp_path) -> None:
+    context = _context()
+    trained = FastFlow(_tiny_settings(epochs=2), context)
+    trained.fit(_random_features(context, 6))
+    path = tmp_path / "fastflow.pt"
+    torch.save(trained.state_dict(), path)
+    fresh = FastFlow(_tiny_settings(epochs=2), dataclasses.replace(context, seed=7))
+    features = next(_random_features(context, 3, seed=2).batches(3))
+    _, before = fresh.predict_batch(features)
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    _, expected = trained.predict_batch(features)
+    _, maps = fresh.predict_batch(features)
+    assert not torch.equal(before, expected)
+    assert torch.equal(maps, expected)
+
+
+def _tiny_transformer(backbone: str) -> nn.Module:
+    """The real architecture class at its native input, with a small width and few blocks."""
+    torch.manual_seed(0)
+    if backbone == "cait_m48_448":
+        return timm.models.cait.Cait(
+            img_size=448,
+            embed_dim=8,
+            depth=41,
+            num_heads=1,
+            mlp_ratio=1.0,
+            depth_token_only=1,
+            num_classes=0,
+        )
+    return timm.models.deit.VisionTransformerDistilled(
+        img_size=384, embed_dim=8, depth=8, num_heads=1, mlp_ratio=1.0, num_classes=0
+    )
+
+
+@pytest.mark.parametrize("backbone", ["deit_base_distilled_patch16_384", "cait_m48_448"])
+def test_transformer_path_shapes(backbone: str, monkeypatch) -> None:
+    tiny = _tiny_transformer(backbone)
+    monkeypatch.setattr(FeatureExtractor, "_create", lambda self, *a, **k: tiny)
+    settings = dataclasses.replace(
+        FastFlow.default_settings(backbone, "original"),
+        flow_steps=2,
+        hidden_ratio=0.5,
+        epochs=1,
+        batch_size=2,
+    )
+    layers = FastFlow.needs(backbone, settings)
+    size = settings.input_size
+    extractor = FeatureExtractor(backbone, layers, weights="random", input_size=(size, size))
+    grid = size // 16
+    assert extractor.channels == {layers[0]: 8}
+    assert extractor.shapes == {layers[0]: (grid, grid)}
+    images = [torch.randn(3, size, size)]
+    features = CachedFeatures.extract(extractor, torch.utils.data.DataLoader(images, 1), CPU)
+    # Every block is used (depth = block index + 1), so the path equals timm's own features.
+    with torch.no_grad():
+        tokens = tiny.forward_features(torch.stack(images))
+    prefix = 2 if backbone.startswith("deit") else 1
+    expected = tokens[:, prefix:].transpose(1, 2).reshape(1, 8, grid, grid)
+    torch.testing.assert_close(features.tensors[layers[0]], expected, rtol=1e-5, atol=1e-5)
+    context = _context(
+        backbone=backbone,
+        channels=dict(extractor.channels),
+        shapes=dict(extractor.shapes),
+        output_size=(size, size),
+    )
+    method = FastFlow(settings, context)
+    assert len(method.model.norms) == 0
+    method.fit(features)
+    scores, maps = method.predict_batch(next(features.batches(1)))
+    assert maps.shape == (1, size, size) and scores.shape == (1,)

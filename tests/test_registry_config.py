@@ -1,0 +1,124 @@
+"""Registry lookups, entry-point plugins, settings overrides and grid expansion."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from bench import registry
+from bench.config import RunConfig, expand_cells, load_preset, parse_set
+from bench.errors import BenchError
+from bench.registry import DATASETS, METHODS, Registry
+
+
+def test_unknown_name_lists_known():
+    with pytest.raises(BenchError, match=r"unknown method 'nope'; known: .*padim"):
+        METHODS.get("nope")
+
+
+def test_register_decorator_and_duplicate():
+    table: Registry[type] = Registry("thing")
+
+    @table.register("a", colour="red")
+    class A:
+        pass
+
+    assert table.get("a") is A and table.entry("a").meta == {"colour": "red"}
+    with pytest.raises(BenchError, match="registered twice"):
+        table.add("a", object())
+
+
+def test_builtin_plugins_registered():
+    assert {"padim", "fastflow", "fastflow-3x3", "cflow"} <= set(METHODS.names())
+    assert {"mvtec", "btad", "cifar10", "synthetic"} <= set(DATASETS.names())
+
+
+def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
+    module = tmp_path / "my_plugin.py"
+    module.write_text(
+        "from bench.registry import DATASETS\n"
+        "@DATASETS.register('my-data')\n"
+        "class MyData:\n"
+        "    categories = ('x',)\n"
+        "    has_masks = False\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake = EntryPoint(name="mine", value="my_plugin", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [fake])
+    monkeypatch.setattr(registry, "_loaded", False)
+    try:
+        assert "my-data" in DATASETS.names()
+    finally:
+        DATASETS._entries.pop("my-data", None)
+        sys.modules.pop("my_plugin", None)
+
+
+def test_broken_plugin_is_named(monkeypatch):
+    fake = EntryPoint(name="broken", value="no_such_module_xyz", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [fake])
+    monkeypatch.setattr(registry, "_loaded", False)
+    with pytest.raises(BenchError, match="plugin 'broken'"):
+        registry.load_plugins()
+
+
+def test_parse_set():
+    assert parse_set(["fastflow.conv3x3_only=true", "epochs=3"]) == {
+        "fastflow": {"conv3x3_only": "true"},
+        "*": {"epochs": "3"},
+    }
+    with pytest.raises(BenchError, match="method.key=value"):
+        parse_set(["oops"])
+
+
+def test_cells_resolve_defaults_variants_flags_and_set():
+    config = RunConfig(
+        methods=["padim", "fastflow", "fastflow-3x3"],
+        seeds=[0, 1],
+        epochs=7,
+        set={"fastflow": {"hidden_ratio": "0.5"}, "padim": {"n_features": "50"}},
+    )
+    cells = expand_cells(config, ["brick"])
+    assert len(cells) == 6
+    by = {(c.method, c.seed): c for c in cells}
+    assert by[("padim", 0)].settings["n_features"] == 50
+    assert by[("fastflow", 0)].settings["epochs"] == 7
+    assert by[("fastflow", 0)].settings["conv3x3_only"] is True  # original R18 default
+    assert by[("fastflow-3x3", 1)].settings["hidden_ratio"] == 0.5  # base scope applies
+    assert by[("fastflow-3x3", 1)].base == "fastflow"
+    assert len({c.key for c in cells}) == 6
+
+
+def test_cell_key_changes_with_settings():
+    a = expand_cells(RunConfig(methods=["padim"]), ["brick"])[0]
+    b = expand_cells(RunConfig(methods=["padim"], set={"padim": {"blur_sigma": "2"}}), ["brick"])[0]
+    assert a.key != b.key and a.key == expand_cells(RunConfig(methods=["padim"]), ["brick"])[0].key
+
+
+def test_bad_set_values_are_explained():
+    with pytest.raises(BenchError, match="unknown setting; padim has"):
+        expand_cells(RunConfig(methods=["padim"], set={"padim": {"nope": "1"}}), ["x"])
+    with pytest.raises(BenchError, match="expected int"):
+        expand_cells(RunConfig(methods=["padim"], set={"padim": {"batch_size": "big"}}), ["x"])
+    with pytest.raises(BenchError, match="not a method of this run"):
+        expand_cells(RunConfig(methods=["padim"], set={"cflow": {"lr": "1"}}), ["x"])
+
+
+def test_presets(tmp_path):
+    assert load_preset("quick")["dataset"] == "synthetic"
+    with pytest.raises(BenchError, match="unknown preset"):
+        load_preset("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("colour: red\n")
+    with pytest.raises(BenchError, match="unknown keys colour"):
+        load_preset(str(bad))
+
+
+def test_config_validation():
+    with pytest.raises(BenchError, match="--reference"):
+        RunConfig(methods=["padim"], reference="mine").validate()
+    with pytest.raises(BenchError, match="--weights"):
+        RunConfig(methods=["padim"], weights="nowhere.pth").validate()
+    with pytest.raises(BenchError, match="unknown dataset"):
+        RunConfig(methods=["padim"], dataset="imagenet").validate()
