@@ -70,7 +70,25 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     config = RunConfig()
     if preset:
         config = dataclasses.replace(config, **load_preset(preset), preset=preset)
-    direct = ["methods", "dataset", "data_root", "categories", "backbones", "seeds", "reference", "weights", "input_size", "epochs", "batch_size", "lr", "out", "device", "workers", "threads", "executor"]
+    direct = [
+        "methods",
+        "dataset",
+        "data_root",
+        "categories",
+        "backbones",
+        "seeds",
+        "reference",
+        "weights",
+        "input_size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "out",
+        "device",
+        "workers",
+        "threads",
+        "executor",
+    ]
     for name in direct:
         value = getattr(args, name)
         if value is not None:
