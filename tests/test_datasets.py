@@ -187,6 +187,21 @@ def test_masks_binarised_and_nearest_resized(tmp_path: Path) -> None:
     assert not down.masks[0][:2, 4:].any()
 
 
+def test_centre_crop_applies_to_model_and_native_masks(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path, test={"crack": 1})
+    pattern = np.zeros((16, 16), dtype=np.uint8)
+    pattern[0:2, :] = 255  # outside a 12/16 centre crop
+    pattern[7:9, 7:9] = 255  # inside it
+    Image.fromarray(pattern).save(root / "bottle" / "ground_truth" / "crack" / "000_mask.png")
+    gt = load_ground_truth(MVTec(root).test("bottle"), Preprocess((32, 32), (24, 24)), True)
+    assert gt.masks is not None and gt.native_masks is not None
+    native = gt.native_masks[0]
+    assert native.shape == (12, 12) and native.sum() == 4 and native[5:7, 5:7].all()
+    assert gt.masks[0].shape == (24, 24) and gt.masks[0].sum() == 16
+    with pytest.raises(BenchError, match="larger than the resized image"):
+        Preprocess((16, 16), (24, 24))
+
+
 def test_unreadable_image(tmp_path: Path) -> None:
     root = make_mvtec(tmp_path)
     broken = root / "bottle" / "train" / "good" / "001.png"

@@ -83,6 +83,14 @@ def test_reference_defaults_differ_as_specified():
     assert Padim.weights_provenance("resnet18", "original") == "torchvision"
 
 
+def test_original_crop_scales_with_input_size():
+    smaller = dataclasses.replace(Padim.default_settings("resnet18", "original"), input_size=128)
+    pre = Padim.preprocess("resnet18", "original", smaller)
+    assert pre.size == (128, 128) and pre.crop == (112, 112)
+    with pytest.raises(BenchError, match="crop_fraction"):
+        Padim.preprocess("resnet18", "original", dataclasses.replace(smaller, crop_fraction=1.5))
+
+
 @pytest.mark.parametrize("border,mode", [("symmetric", "reflect"), ("mirror", "mirror")])
 def test_blur_matches_scipy(border, mode):
     maps = torch.rand(2, 70, 50, dtype=torch.float32)

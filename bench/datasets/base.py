@@ -81,6 +81,10 @@ class Preprocess:
     crop: tuple[int, int] | None = None
     resample: str = "bilinear"
 
+    def __post_init__(self) -> None:
+        if self.crop and (self.crop[0] > self.size[0] or self.crop[1] > self.size[1]):
+            raise BenchError(f"centre crop {self.crop} is larger than the resized image {self.size}")
+
     @property
     def output_size(self) -> tuple[int, int]:
         return self.crop or self.size

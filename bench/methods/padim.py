@@ -31,7 +31,9 @@ POSITION_CHUNK = 256
 @dataclass(frozen=True)
 class PadimSettings:
     input_size: int = 256
-    crop_size: int | None = None  # None: no crop; original: 224 for a 256 input
+    # Centre crop as a fraction of input_size: original crops 224 of 256 (0.875), so
+    # a smaller --input-size keeps the same field of view.
+    crop_fraction: float = 1.0
     n_features: int | None = None  # None: the paper's value for the backbone
     batch_size: int = 32
     regularisation: float = 0.01
@@ -139,7 +141,7 @@ class Padim(Method):
     @classmethod
     def default_settings(cls, backbone: str, reference: str) -> PadimSettings:
         if reference == "original":
-            return PadimSettings(crop_size=224)
+            return PadimSettings(crop_fraction=0.875)
         return PadimSettings(
             extra_regularisation=1e-5, blur_border="mirror", subset="torch-randperm"
         )
@@ -151,7 +153,12 @@ class Padim(Method):
     @classmethod
     def preprocess(cls, backbone: str, reference: str, settings: PadimSettings) -> Preprocess:
         size = (settings.input_size, settings.input_size)
-        crop = (settings.crop_size,) * 2 if settings.crop_size else None
+        if not 0.0 < settings.crop_fraction <= 1.0:
+            raise BenchError(
+                f"--set padim.crop_fraction={settings.crop_fraction}: expected a value in (0, 1]"
+            )
+        side = int(round(settings.input_size * settings.crop_fraction))
+        crop = (side, side) if side != settings.input_size else None
         return Preprocess(size, crop, "lanczos" if reference == "original" else "bilinear")
 
     @classmethod
