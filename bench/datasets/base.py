@@ -83,7 +83,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.crop and (self.crop[0] > self.size[0] or self.crop[1] > self.size[1]):
-            raise BenchError(f"centre crop {self.crop} is larger than the resized image {self.size}")
+            raise BenchError(
+                f"centre crop {self.crop} is larger than the resized image {self.size}"
+            )
 
     @property
     def output_size(self) -> tuple[int, int]:
