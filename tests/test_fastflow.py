@@ -202,6 +202,8 @@ def test_variant_and_overrides() -> None:
     assert entry.obj is FastFlow
     assert entry.meta["base"] == "fastflow"
     assert entry.meta["settings"] == {"conv3x3_only": True}
+    alternating = METHODS.entry("fastflow-alt")
+    assert alternating.obj is FastFlow and alternating.meta["settings"] == {"conv3x3_only": False}
     settings = FastFlow.default_settings("wide_resnet50_2", "original")
     changed = apply_overrides(settings, {"conv3x3_only": "true", "epochs": "3"}, "fastflow")
     assert changed.conv3x3_only is True and changed.epochs == 3

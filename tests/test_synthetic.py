@@ -54,7 +54,7 @@ def test_layout_sizes_and_masks(generated: Path) -> None:
     assert len({k for c in CATEGORIES for k in defect_kinds(c)}) >= 3
     for category in CATEGORIES:
         train, test = ds.train(category), ds.test(category)
-        assert len(train) == 32 and len(test) == 24
+        assert len(train) == 40 and len(test) == 24
         assert sum(s.label for s in test) == 16
         assert {s.defect for s in test} == {"good", *defect_kinds(category)}
         for sample in test:
@@ -111,7 +111,7 @@ def test_texture_train_and_test_come_from_disjoint_photo_regions(generated: Path
         records = [r for r in manifest["files"] if r["file"].startswith(f"{category}/")]
         train = [r["box"] for r in records if "/train/" in r["file"]]
         test = [r["box"] for r in records if "/test/" in r["file"]]
-        assert len(train) == 32 and len(test) == 24
+        assert len(train) == 40 and len(test) == 24
         assert not any(_overlaps(a, b) for a in train for b in test)
     # The recorded box is where the pixels really came from.
     record = next(r for r in manifest["files"] if r["file"] == "gravel/train/good/000.png")

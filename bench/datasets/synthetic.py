@@ -26,13 +26,13 @@ from bench.datasets.mvtec import NORMAL, MVTec
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
-FOLDER_NAME = "synthetic-v1"  # bump with GENERATOR_VERSION whenever the pixels change
+FOLDER_NAME = "synthetic-v2"  # bump with GENERATOR_VERSION whenever the pixels change
 GENERATOR = "flowad-bench synthetic"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "manifest.json"
 SEED = 20240917
 SIZE = 256
-N_TRAIN = 32
+N_TRAIN = 40
 N_TEST_GOOD = 8
 N_TEST_DEFECTIVE = 16
 TEXTURE_CROP = 192  # photo pixels per image side, resized to SIZE
@@ -426,7 +426,7 @@ class Synthetic(MVTec):
     """Textures and objects with drawn defects; generated on first use, then cached.
 
     ``root`` (``--data-root``) is the dataset folder itself; by default it is
-    ``$FLOWAD_CACHE/synthetic-v1`` (``~/.cache/flowad-bench/synthetic-v1``).
+    ``$FLOWAD_CACHE/synthetic-v2`` (``~/.cache/flowad-bench/synthetic-v2``).
     """
 
     name = "synthetic"

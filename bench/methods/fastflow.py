@@ -361,6 +361,7 @@ class FastFlow(Method):
 
 
 register_variant("fastflow-3x3", FastFlow, conv3x3_only=True)
+register_variant("fastflow-alt", FastFlow, conv3x3_only=False)
 
 
 def count_trainable(
