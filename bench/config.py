@@ -131,6 +131,14 @@ class Cell:
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
+    @property
+    def work_key(self) -> str:
+        """Identity of the computation: cells that differ only in the variant's name (such
+        as ``fastflow`` and ``fastflow-3x3`` where the reference is already 3x3-only) share it."""
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
     def label(self) -> str:
         return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}"
 

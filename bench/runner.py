@@ -108,6 +108,20 @@ def write_run_json(folder: Path, config: RunConfig, argv: list[str], device: str
     tmp.replace(path)
 
 
+def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
+    """First cell of each computation -> every cell it answers for (itself first).
+
+    A variant whose settings equal its base's for this backbone and reference computes the
+    same thing; it runs once and each name gets its own row.
+    """
+    first: dict[str, Cell] = {}
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        head = first.setdefault(cell.work_key, cell)
+        groups.setdefault(head.key, []).append(cell)
+    return groups
+
+
 def run_grid(
     config: RunConfig, argv: list[str], force: bool = False, debug: bool = False
 ) -> RunSummary:
@@ -133,17 +147,21 @@ def run_grid(
         spill_dir=str(folder),
     )
     failures: list[tuple[str, str]] = []
+    twins = group_identical(todo)
 
     def on_result(cell: Cell, row: dict[str, Any]) -> None:
-        store.put_result(cell, row)
+        for twin in twins[cell.key]:
+            store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
 
     def on_failure(cell: Cell, error: str) -> None:
-        store.put_failure(cell, error)
-        failures.append((cell.label(), error))
-        tqdm.write(f"FAILED {cell.label()}: {error.splitlines()[0]}")
+        for twin in twins[cell.key]:
+            store.put_failure(twin, error)
+            failures.append((twin.label(), error))
+            tqdm.write(f"FAILED {twin.label()}: {error.splitlines()[0]}")
 
     try:
-        make_executor(config.executor, debug).execute(todo, env, on_result, on_failure)
+        representatives = [c for c in todo if c.key in twins]
+        make_executor(config.executor, debug).execute(representatives, env, on_result, on_failure)
     finally:
         rows = [r for r in store.rows() if r["cell_key"] in {c.key for c in cells}]
         store.close()

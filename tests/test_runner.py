@@ -1,0 +1,155 @@
+"""`bench run` end to end on a tiny MVTec-layout folder: store, resume, --force, failures."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from test_datasets import make_mvtec
+
+import bench.cell
+from bench.cli import main
+from bench.store import STORE_NAME
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    make_mvtec(root, "bottle", train=4, test={"good": 2, "crack": 2})
+    make_mvtec(root, "screw", train=4, test={"good": 2, "crack": 2})
+    return root
+
+
+def _run(data_root: Path, out: Path, *extra: str, methods: str = "padim") -> int:
+    return main(
+        [
+            "run",
+            "--methods",
+            methods,
+            "--dataset",
+            "mvtec",
+            "--data-root",
+            str(data_root),
+            "--categories",
+            "bottle,screw",
+            "--input-size",
+            "32",
+            "--weights",
+            "random",
+            "--workers",
+            "0",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def _stored(out: Path) -> list[tuple[str, str, dict | None]]:
+    with sqlite3.connect(out / STORE_NAME) as db:
+        rows = db.execute("SELECT status, label, row FROM cells ORDER BY label").fetchall()
+    return [(s, label, json.loads(r) if r else None) for s, label, r in rows]
+
+
+def _count_cells(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    seen: list[str] = []
+    real = bench.cell.run_cell
+
+    def counting(cell, env):
+        seen.append(cell.label())
+        return real(cell, env)
+
+    monkeypatch.setattr("bench.executors.run_cell", counting)
+    return seen
+
+
+def test_run_writes_rows_tables_and_resumes(data_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    seen = _count_cells(monkeypatch)
+    assert _run(data_root, out) == 0
+    stored = _stored(out)
+    assert [(s, label) for s, label, _ in stored] == [
+        ("done", "padim/resnet18/bottle/seed0"),
+        ("done", "padim/resnet18/screw/seed0"),
+    ]
+    row = stored[0][2]
+    assert row["weights"] == "random(seed=0)" and row["pretrained"] is False
+    assert row["reference"] == "original" and 0.0 <= row["image_auroc"] <= 1.0
+    for name in ("results.csv", "tables.md", "tables.tex", "run.json"):
+        assert (out / name).is_file(), name
+    assert "image AUROC" in capsys.readouterr().out
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["command"].startswith("bench run --methods padim")
+    assert run_json["versions"]["torch"] and run_json["hardware"]["cpu_count"]
+    assert len(seen) == 2
+
+    assert _run(data_root, out) == 0  # the same command again: nothing to do
+    assert len(seen) == 2
+    assert _run(data_root, out, "--force") == 0
+    assert len(seen) == 4
+    assert len(_stored(out)) == 2
+    assert len(json.loads((out / "run.json").read_text())["invocations"]) == 3
+
+
+def test_failing_cell_is_recorded_and_the_run_goes_on(data_root, tmp_path, monkeypatch, capsys):
+    real = bench.cell.run_cell
+
+    def flaky(cell, env):
+        if cell.category == "bottle":
+            raise RuntimeError("disk on fire")
+        return real(cell, env)
+
+    monkeypatch.setattr("bench.executors.run_cell", flaky)
+    out = tmp_path / "run"
+    assert _run(data_root, out) == 1
+    stored = {label: (status, row) for status, label, row in _stored(out)}
+    assert stored["padim/resnet18/bottle/seed0"][0] == "failed"
+    assert stored["padim/resnet18/screw/seed0"][0] == "done"
+    err = capsys.readouterr().err
+    assert "1 of 2 cells failed" in err and "disk on fire" in err
+    with sqlite3.connect(out / STORE_NAME) as db:
+        (error,) = db.execute("SELECT error FROM cells WHERE status = 'failed'").fetchone()
+    assert "RuntimeError: disk on fire" in error
+
+    monkeypatch.setattr("bench.executors.run_cell", real)
+    assert _run(data_root, out) == 0  # the failed cell is retried, the finished one kept
+    assert {status for status, _, _ in _stored(out)} == {"done"}
+
+
+def test_identical_variant_runs_once_and_gets_its_own_row(data_root, tmp_path, monkeypatch):
+    # resnet18 under the original reference is already 3x3-only: fastflow == fastflow-3x3.
+    seen = _count_cells(monkeypatch)
+    out = tmp_path / "run"
+    assert _run(data_root, out, methods="fastflow,fastflow-3x3,fastflow-alt") == 0
+    assert sorted(seen) == [
+        "fastflow-alt/resnet18/bottle/seed0",
+        "fastflow-alt/resnet18/screw/seed0",
+        "fastflow/resnet18/bottle/seed0",
+        "fastflow/resnet18/screw/seed0",
+    ]
+    rows = {label: row for _, label, row in _stored(out)}
+    assert len(rows) == 6
+    same, twin = rows["fastflow/resnet18/bottle/seed0"], rows["fastflow-3x3/resnet18/bottle/seed0"]
+    assert twin["method"] == "fastflow-3x3" and twin["image_auroc"] == same["image_auroc"]
+    assert twin["cell_key"] != same["cell_key"]
+    assert rows["fastflow-alt/resnet18/bottle/seed0"]["settings"]["conv3x3_only"] is False
+
+
+def test_unknown_method_is_one_clear_line(data_root, tmp_path, capsys):
+    assert _run(data_root, tmp_path / "run", methods="fastflo") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: unknown method 'fastflo'; known: cflow, fastflow")
+
+
+def test_unknown_category_is_one_clear_line(data_root, tmp_path, capsys):
+    code = main(
+        ["run", "--methods", "padim", "--dataset", "mvtec", "--data-root", str(data_root)]
+        + ["--categories", "bottel", "--out", str(tmp_path / "run")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: unknown mvtec category 'bottel'; known: bottle, screw"
