@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bench.config import RunConfig, load_preset, parse_set
+from bench.config import SHARED_SETTINGS, RunConfig, load_preset, parse_set
 from bench.errors import BenchError
 from bench.registry import BACKBONES, DATASETS, METHODS
 
@@ -62,6 +62,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--force", action="store_true", help="recompute cells already in the run folder")
 
 
+def _preset_settings_in_play(config: RunConfig, args: argparse.Namespace) -> dict:
+    """A preset's per-method settings are defaults: they apply only to methods in the run,
+    and a shared flag given on the command line (``--epochs``...) wins over them."""
+    given = {name for name in SHARED_SETTINGS if getattr(args, name) is not None}
+    in_run = {"*", *config.methods, *(METHODS.entry(m).meta["base"] for m in config.methods)}
+    kept = {
+        scope: {key: value for key, value in values.items() if key not in given}
+        for scope, values in config.set.items()
+        if scope in in_run
+    }
+    return {scope: values for scope, values in kept.items() if values}
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """Preset values first, then every flag given on the command line."""
     preset = args.preset
@@ -93,10 +106,11 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
-    for scope, values in parse_set(args.set_items).items():
-        config.set.setdefault(scope, {}).update(values)
     if not config.methods:
         config.methods = METHODS.names()
+    config.set = _preset_settings_in_play(config, args)
+    for scope, values in parse_set(args.set_items).items():
+        config.set.setdefault(scope, {}).update(values)
     if config.out is None:
         config.out = str(Path("results") / (config.preset or config.dataset))
     return config

@@ -122,3 +122,17 @@ def test_config_validation():
         RunConfig(methods=["padim"], weights="nowhere.pth").validate()
     with pytest.raises(BenchError, match="unknown dataset"):
         RunConfig(methods=["padim"], dataset="imagenet").validate()
+
+
+def test_preset_method_settings_are_defaults_for_methods_in_the_run():
+    from bench.cli import build_config, make_parser
+
+    def config(*argv: str) -> RunConfig:
+        return build_config(make_parser().parse_args(["run", *argv]))
+
+    assert config().set == {"cflow": {"epochs": 1}}  # the quick preset
+    assert config("--methods", "padim").set == {}  # no error about cflow not being in the run
+    assert config("--epochs", "3").set == {}  # the flag wins over the preset's cflow epochs
+    assert config("--set", "cflow.epochs=2").set == {"cflow": {"epochs": "2"}}
+    cells = expand_cells(config("--methods", "cflow,fastflow"), ["brick"])
+    assert {c.method: c.settings["epochs"] for c in cells} == {"cflow": 1, "fastflow": 10}
