@@ -227,11 +227,12 @@ PAPER_RUN_FLAGS = (
 )
 
 
-def _paper_rows(args: argparse.Namespace, argv: list[str], table) -> tuple[Path, list[dict], int]:
-    """Run the table's grids (or read --from); returns the folder, its rows, the exit code."""
+def _paper_rows(
+    args: argparse.Namespace, argv: list[str], table
+) -> tuple[Path, list[dict], list[tuple[str, str]]]:
+    """Run the table's grids (or read --from): the folder, its rows, this run's failures."""
     from bench.config import expand_cells
     from bench.published import check_weights, grid_configs
-    from bench.run_report import write_report
     from bench.runner import resolve_categories, run_grid
 
     given = [f for f in PAPER_RUN_FLAGS if getattr(args, f) is not None]
@@ -242,7 +243,7 @@ def _paper_rows(args: argparse.Namespace, argv: list[str], table) -> tuple[Path,
                 f"{', '.join(flags)}: --from reads a finished run; run flags do not apply"
             )
         folder = Path(args.source)
-        return folder, _stored(folder)[0], 0
+        return folder, _stored(folder)[0], []
     overrides = {f: getattr(args, f) for f in given if f != "out"}
     overrides["backbones"] = args.backbones
     if args.reference:
@@ -258,16 +259,13 @@ def _paper_rows(args: argparse.Namespace, argv: list[str], table) -> tuple[Path,
         summary = run_grid(config, argv, force=args.force, debug=args.debug)
         keys |= {c.key for c in expand_cells(config, resolve_categories(config))}
         failures += summary.failures
-    rows = [r for r in _stored(folder)[0] if r["cell_key"] in keys]
-    write_report(folder, rows, failures)
-    for label, error in failures:
-        print(f"failed: {label}: {error.splitlines()[0]}", file=sys.stderr)
-    return folder, rows, 1 if failures else 0
+    return folder, [r for r in _stored(folder)[0] if r["cell_key"] in keys], failures
 
 
 def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
-    from bench.comparison import compare, describe_tables, write_comparison
+    from bench.comparison import compare, describe_tables, render_markdown, write_comparison
     from bench.published import check_backbones, load_table
+    from bench.run_report import REPORT, write_report
 
     if args.list:
         print(describe_tables())
@@ -276,12 +274,19 @@ def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
         raise BenchError("bench paper: name a table (bench paper --list shows them)")
     table = load_table(args.table)
     substitute = check_backbones(table, args.backbones)
-    folder, rows, code = _paper_rows(args, argv, table)
+    folder, rows, failures = _paper_rows(args, argv, table)
     comparison = compare(table, rows, args.reference, substitute)
-    path = write_comparison(comparison, folder)
-    print(path.read_text())
-    print(f"written: {path} (and .csv)", file=sys.stderr)
-    return code
+    if args.source:
+        write_comparison(comparison, folder)
+    else:
+        write_report(folder, rows, failures, [comparison])
+    print(render_markdown(comparison))
+    for label, error in failures:
+        print(f"failed: {label}: {error.splitlines()[0]}", file=sys.stderr)
+    print(f"written: {folder / 'paper' / table.name}.md", file=sys.stderr)
+    if not args.source:
+        print(f"report: {folder / REPORT}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def make_parser() -> argparse.ArgumentParser:

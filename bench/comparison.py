@@ -53,6 +53,7 @@ class Comparison:
     reference: str
     substitute: str | None  # our backbone where the paper's single backbone was replaced
     entries: dict[tuple[str, str], Entry]
+    rows: list[Row]  # the table's rows, plus categories of ours the paper does not have
     used: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -128,14 +129,28 @@ def compare(
             )
         reference = references[0] if references else table.grids[0].get("reference", "original")
     rows = [r for r in rows if r["reference"] == reference]
+    table_rows = table.rows + _extra_categories(table, rows, substitute)
+    table_rows.sort(key=lambda row: row.is_mean)
     entries: dict[tuple[str, str], Entry] = {}
     used: dict[str, dict] = {}
-    for row in table.rows:
+    for row in table_rows:
         for column in table.columns:
             match = _selector(table, row, column, substitute)
             matching = [r for r in rows if all(_field(r, k) == v for k, v in match.items())]
             entries[(row.id, column.id)] = _entry(table, row, column, matching, used)
-    return Comparison(table, reference, substitute, entries, list(used.values()))
+    return Comparison(table, reference, substitute, entries, table_rows, list(used.values()))
+
+
+def _extra_categories(table: PaperTable, rows: list[dict], substitute: str | None) -> list[Row]:
+    """Rows for categories we ran that a per-category table lacks (custom data, say)."""
+    if table.category_match is None:
+        return []
+    match = dict(table.category_match)
+    if substitute and match.get("backbone") == table.backbones[0]:
+        match["backbone"] = substitute
+    known = {c for row in table.rows for c in row.categories}
+    ran = [r["category"] for r in rows if all(_field(r, k) == v for k, v in match.items())]
+    return [Row(c, c, table.category_match, (c,)) for c in dict.fromkeys(ran) if c not in known]
 
 
 def _decimals(table: PaperTable, column: Column) -> int:
@@ -195,7 +210,7 @@ def _footer(comparison: Comparison) -> list[str]:
         if any(e.published and e.published.status == status for e in entries):
             lines.append(f"{mark} {MARK_LEGEND[status]}.")
     partial: dict[str, set[tuple[int, int]]] = {}
-    for row in table.rows:
+    for row in comparison.rows:
         for column in table.columns:
             entry = comparison.entries[(row.id, column.id)]
             if entry.partial:
@@ -220,7 +235,7 @@ def render_markdown(comparison: Comparison) -> str:
     lines = [f"**{table.title}**", "", *_caption(comparison), ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
-    for row in table.rows:
+    for row in comparison.rows:
         cells = [
             _cell(comparison.entries[(row.id, c.id)], _decimals(table, c)) for c in table.columns
         ]
@@ -240,7 +255,7 @@ def render_csv(comparison: Comparison) -> str:
         + ["source", "note", "ours", "delta", "categories", "categories_wanted"]
     )
     table = comparison.table
-    for row in table.rows:
+    for row in comparison.rows:
         for column in table.columns:
             e = comparison.entries[(row.id, column.id)]
             p = e.published

@@ -141,6 +141,7 @@ class PaperTable:
     sources: dict[str, str]
     notes: list[str]
     decimals: int | None = None
+    category_match: dict[str, Any] | None = None  # per-category tables: what every row matches
 
     @property
     def backbones(self) -> list[str]:
@@ -254,6 +255,7 @@ def load_table(name: str) -> PaperTable:
         sources=dict(spec.get("sources") or {}),
         notes=list(spec.get("notes") or []),
         decimals=spec.get("decimals"),
+        category_match=None if isinstance(spec["rows"], list) else rows[0].match,
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.comparison import compare, render_markdown, write_comparison
+from bench.comparison import Comparison, compare, render_markdown, write_comparison
 from bench.errors import BenchError
 from bench.published import load_table, table_names
 from bench.report import results_frame, write_tables
@@ -20,13 +20,24 @@ from bench.report import results_frame, write_tables
 REPORT = "report.md"
 
 
-def write_paper_tables(folder: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Every paper table this run has numbers for: (file or table name, markdown or error)."""
-    written = []
+def _written(comparison: Comparison, folder: Path, suffix: str = "") -> tuple[str, str]:
+    path = write_comparison(comparison, folder, suffix)
+    return f"{path.parent.name}/{path.name}", render_markdown(comparison)
+
+
+def write_paper_tables(
+    folder: Path, rows: list[dict[str, Any]], given: Sequence[Comparison] = ()
+) -> list[tuple[str, str]]:
+    """Every paper table this run has numbers for: (file or table name, markdown or error).
+
+    ``given`` are tables already built with options (``bench paper``); they replace the
+    default build of the same table.
+    """
+    written = [_written(c, folder) for c in given]
     datasets = {r.get("dataset") for r in rows}
     for name in table_names():
         table = load_table(name)
-        if table.dataset not in datasets:
+        if table.dataset not in datasets or name in {c.table.name for c in given}:
             continue
         references = sorted({r["reference"] for r in rows if r.get("dataset") == table.dataset})
         for reference in references:
@@ -37,8 +48,7 @@ def write_paper_tables(folder: Path, rows: list[dict[str, Any]]) -> list[tuple[s
                 continue
             if comparison.has_ours:
                 suffix = "" if len(references) == 1 else f"-{reference}"
-                path = write_comparison(comparison, folder, suffix)
-                written.append((f"{path.parent.name}/{path.name}", render_markdown(comparison)))
+                written.append(_written(comparison, folder, suffix))
     return written
 
 
@@ -61,14 +71,17 @@ def _run_lines(folder: Path) -> list[str]:
 
 
 def write_report(
-    folder: Path, rows: list[dict[str, Any]], failures: Sequence[tuple[str, str]] = ()
+    folder: Path,
+    rows: list[dict[str, Any]],
+    failures: Sequence[tuple[str, str]] = (),
+    comparisons: Sequence[Comparison] = (),
 ) -> str:
     """Tables, paper tables, figures and report.md; returns the result tables' markdown."""
     from bench.figures import write_figures
 
     folder = Path(folder)
     tables = write_tables(results_frame(rows), folder)
-    papers = write_paper_tables(folder, rows)
+    papers = write_paper_tables(folder, rows, comparisons)
     figures = write_figures(folder, rows)
     lines = [f"# Run {folder.name}", "", *_run_lines(folder), ""]
     lines.append(f"{len(rows)} cells finished, {len(failures)} failed.")
