@@ -37,9 +37,9 @@ class Figure:
 
 
 def series_labels(frame: pd.DataFrame) -> pd.Series:
-    """Method, plus backbone and reference when the run has several of them."""
+    """Method, plus backbone, reference and dataset when the run has several of them."""
     parts = [frame["method"].astype(str)]
-    for key in ("backbone", "reference"):
+    for key in ("backbone", "reference", "dataset"):
         if key in frame and frame[key].nunique() > 1:
             parts.append(frame[key].astype(str))
     label = parts[0]
@@ -219,5 +219,8 @@ def write_figures(folder: Path, rows: list[dict[str, Any]]) -> list[Figure]:
         with sns.axes_style("whitegrid"):
             figures = [auroc_bars(frame, folder), accuracy_latency(frame, folder)]
         with sns.axes_style("white"):
-            figures += [gallery(frame, folder, c) for c in dict.fromkeys(frame["category"])]
-    return figures
+            galleries = [gallery(frame, folder, c) for c in dict.fromkeys(frame["category"])]
+    if all(g.path is None for g in galleries):
+        note = "skipped: no cell saved anomaly maps (a dataset without masks, or an older run)"
+        return [*figures, Figure("Anomaly maps", None, note)]
+    return figures + galleries
