@@ -203,7 +203,12 @@ def _numbers(name: str, text: str) -> dict[tuple[str, str], Number]:
         status = line["status"]
         if status not in STATUSES:
             raise BenchError(f"bench/paper/{name}.csv: status '{status}' is not one of P, X, S, U")
-        float(line["value"])
+        try:
+            float(line["value"])
+        except ValueError as exc:
+            raise BenchError(
+                f"bench/paper/{name}.csv: value '{line['value']}' of {key} is not a number"
+            ) from exc
         numbers[key] = Number(line["value"], status, line["source"], line.get("note") or "")
     return numbers
 
