@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import metrics
+from bench import examples, metrics
 from bench.config import Cell
 from bench.datasets.base import ImageSet, Preprocess, load_ground_truth
 from bench.errors import BenchError
@@ -222,6 +222,11 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "settings": cell.settings,
         "cell_key": cell.key,
+        **(
+            {examples.EXAMPLES_KEY: examples.collect(test_samples, pre, gt.masks, maps)}
+            if maps is not None
+            else {}
+        ),
     }
 
 

@@ -1,4 +1,4 @@
-"""The ``bench`` command line: run | list | report."""
+"""The ``bench`` command line: run | list | report | paper."""
 
 from __future__ import annotations
 
@@ -73,6 +73,41 @@ def _preset_settings_in_play(config: RunConfig, args: argparse.Namespace) -> dic
         if scope in in_run
     }
     return {scope: values for scope, values in kept.items() if values}
+
+
+def _add_paper_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("table", nargs="?", help="table name (see --list)")
+    add("--list", action="store_true", help="name the tables and what each runs")
+    add("--from", dest="source", metavar="RUN", help="read this run folder instead of running")
+    add("--reference", help="original or anomalib (default: the table's; with --from, the run's)")
+    add(
+        "--backbone",
+        "--backbones",
+        dest="backbones",
+        type=_csv,
+        help="a subset of the table's backbones; for a one-backbone table, a replacement",
+    )
+    add(
+        "--allow-random-weights",
+        action="store_true",
+        help="run with weights other than ImageNet (tables then say they are not comparable)",
+    )
+    add("--data-root", help="the dataset's folder in its original layout")
+    add("--categories", type=_csv, help="comma-separated categories (default: all)")
+    add("--seeds", type=_seeds, help="comma-separated seeds (default: 0)")
+    add("--weights", help="imagenet (default) | PATH | random or auto with --allow-random-weights")
+    add("--input-size", type=int, help="input side in pixels (default: the reference's)")
+    add("--epochs", type=int, help="training epochs (default: the paper's)")
+    add("--batch-size", type=int, help="training batch size")
+    add("--lr", type=float, help="learning rate")
+    add("--set", dest="set_items", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    add("--out", help="run folder (default: results/paper-<table>)")
+    add("--device", help="auto (default), cpu, cuda or cuda:N")
+    add("--workers", type=int, help="image-loading worker processes")
+    add("--threads", type=int, help="torch CPU threads")
+    add("--executor", help="local (default)")
+    add("--force", action="store_true", help="recompute cells already in the run folder")
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -166,21 +201,106 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from bench.report import results_frame, write_tables
+def _stored(folder: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     from bench.store import ResultStore
 
-    folder = Path(args.run)
     store = ResultStore.open_existing(folder)
-    rows = store.rows()
-    failures = store.failures()
+    rows, failures = store.rows(), store.failures()
     store.close()
     if not rows:
         raise BenchError(f"{folder}: the store holds no finished cells yet")
-    print(write_tables(results_frame(rows), folder))
+    return rows, failures
+
+
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench.run_report import REPORT, write_report
+
+    folder = Path(args.run)
+    rows, failures = _stored(folder)
+    print(write_report(folder, rows, failures))
     for label, error in failures:
         print(f"failed: {label}: {error.splitlines()[0]}", file=sys.stderr)
+    print(f"report: {folder / REPORT}", file=sys.stderr)
     return 0
+
+
+PAPER_RUN_FLAGS = (
+    "data_root",
+    "categories",
+    "seeds",
+    "weights",
+    "input_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "out",
+    "device",
+    "workers",
+    "threads",
+    "executor",
+)
+
+
+def _paper_rows(
+    args: argparse.Namespace, argv: list[str], table
+) -> tuple[Path, list[dict], list[tuple[str, str]]]:
+    """Run the table's grids (or read --from): the folder, its rows, this run's failures."""
+    from bench.config import expand_cells
+    from bench.published import check_weights, grid_configs
+    from bench.runner import resolve_categories, run_grid
+
+    given = [f for f in PAPER_RUN_FLAGS if getattr(args, f) is not None]
+    if args.source:
+        if given or args.set_items or args.force:
+            flags = [f"--{f.replace('_', '-')}" for f in given] or ["--set/--force"]
+            raise BenchError(
+                f"{', '.join(flags)}: --from reads a finished run; run flags do not apply"
+            )
+        folder = Path(args.source)
+        return folder, _stored(folder)[0], []
+    overrides = {f: getattr(args, f) for f in given if f != "out"}
+    overrides["backbones"] = args.backbones
+    if args.reference:
+        overrides["reference"] = args.reference
+    if args.set_items:
+        overrides["set"] = parse_set(args.set_items)
+    folder = Path(args.out or Path("results") / f"paper-{table.name}")
+    configs = grid_configs(table, overrides, folder)
+    for config in configs:
+        check_weights(config.weights, args.allow_random_weights)
+    keys, failures = set(), []
+    for config in configs:
+        summary = run_grid(config, argv, force=args.force, debug=args.debug)
+        keys |= {c.key for c in expand_cells(config, resolve_categories(config))}
+        failures += summary.failures
+    return folder, [r for r in _stored(folder)[0] if r["cell_key"] in keys], failures
+
+
+def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench.comparison import compare, describe_tables, render_markdown, write_comparison
+    from bench.published import check_backbones, load_table
+    from bench.run_report import REPORT, write_report
+
+    if args.list:
+        print(describe_tables())
+        return 0
+    if not args.table:
+        raise BenchError("bench paper: name a table (bench paper --list shows them)")
+    table = load_table(args.table)
+    substitute = check_backbones(table, args.backbones)
+    folder, rows, failures = _paper_rows(args, argv, table)
+    comparison = compare(table, rows, args.reference, substitute)
+    if args.source:
+        write_comparison(comparison, folder)
+    else:
+        write_report(folder, rows, failures, [comparison])
+    print(render_markdown(comparison))
+    for label, error in failures:
+        print(f"failed: {label}: {error.splitlines()[0]}", file=sys.stderr)
+    print(f"written: {folder / 'paper' / table.name}.md", file=sys.stderr)
+    if not args.source:
+        print(f"report: {folder / REPORT}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -203,6 +323,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run", help="run folder")
     report.set_defaults(func=cmd_report)
+    paper = sub.add_parser(
+        "paper",
+        parents=[common],
+        help="print a paper's table with published / ours / delta per cell",
+        description="Run the grid a paper table needs (or read --from RUN) and print the "
+        "table with three numbers per cell: published, ours, delta.",
+    )
+    _add_paper_arguments(paper)
+    paper.set_defaults(func=cmd_paper)
     return parser
 
 

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench import examples
 from bench.cell import Environment, default_workers, resolve_device
 from bench.config import Cell, RunConfig, expand_cells
 from bench.errors import BenchError
 from bench.executors import make_executor
 from bench.registry import DATASETS
-from bench.report import results_frame, write_tables
+from bench.run_report import write_report
 from bench.store import ResultStore
 
 PACKAGES = ("flowad-bench", "torch", "torchvision", "timm", "FrEIA", "numpy", "scikit-learn")
@@ -150,7 +151,9 @@ def run_grid(
     twins = group_identical(todo)
 
     def on_result(cell: Cell, row: dict[str, Any]) -> None:
+        saved = row.pop(examples.EXAMPLES_KEY, None)
         for twin in twins[cell.key]:
+            examples.save(folder, twin.key, saved)
             store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
 
     def on_failure(cell: Cell, error: str) -> None:
@@ -165,7 +168,7 @@ def run_grid(
     finally:
         rows = [r for r in store.rows() if r["cell_key"] in {c.key for c in cells}]
         store.close()
-    tables = write_tables(results_frame(rows), folder) if rows else ""
+    tables = write_report(folder, rows, failures) if rows else ""
     if not cells:
         raise BenchError("the grid is empty: no methods or categories selected")
     return RunSummary(folder, len(cells), skipped, failures, tables)

@@ -1,0 +1,226 @@
+"""The run folder's figures (seaborn, PNG): AUROC per category, accuracy against latency,
+and an anomaly-map gallery per category.
+
+Every figure is drawn from result rows and the saved examples alone. A figure whose data
+the run lacks (no latency measured, no maps saved) is skipped with a note saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from bench import examples  # noqa: E402
+
+FOLDER = "figures"
+DPI = 100
+MAP_CMAP = "inferno"
+MASK_COLOUR = "cyan"
+MAX_LABELLED_BARS = 60
+
+
+@dataclass(frozen=True)
+class Figure:
+    title: str
+    path: Path | None  # None when skipped
+    note: str = ""
+
+
+def series_labels(frame: pd.DataFrame) -> pd.Series:
+    """Method, plus backbone, reference and dataset when the run has several of them."""
+    parts = [frame["method"].astype(str)]
+    for key in ("backbone", "reference", "dataset"):
+        if key in frame and frame[key].nunique() > 1:
+            parts.append(frame[key].astype(str))
+    label = parts[0]
+    for part in parts[1:]:
+        label = label + " / " + part
+    return label
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def auroc_bars(frame: pd.DataFrame, folder: Path) -> Figure:
+    """Per-category image and pixel AUROC, one bar per method (mean and sd over seeds)."""
+    title = "AUROC per category"
+    metrics = [m for m in ("image_auroc", "pixel_auroc") if m in frame and frame[m].notna().any()]
+    if not metrics:
+        return Figure(title, None, "skipped: no AUROC in the result rows")
+    long = frame.melt(
+        id_vars=["category", "series", "seed"],
+        value_vars=metrics,
+        var_name="metric",
+        value_name="AUROC (%)",
+    ).dropna(subset=["AUROC (%)"])
+    long["AUROC (%)"] = 100 * long["AUROC (%)"].astype(float)
+    means = long.groupby(["series", "seed", "metric"], as_index=False)["AUROC (%)"].mean()
+    long = pd.concat([long, means.assign(category="mean")], ignore_index=True)
+    long["metric"] = long["metric"].map({"image_auroc": "image", "pixel_auroc": "pixel"})
+    categories = list(dict.fromkeys(frame["category"])) + ["mean"]
+    several_seeds = frame["seed"].nunique() > 1
+    width = max(6.0, 0.35 * len(categories) * max(1, long["series"].nunique()) + 2)
+    grid = sns.catplot(
+        data=long,
+        kind="bar",
+        x="category",
+        y="AUROC (%)",
+        hue="series",
+        row="metric",
+        order=categories,
+        errorbar="sd" if several_seeds else None,
+        height=2.8,
+        aspect=width / 2.8,
+        legend_out=True,
+    )
+    # Bars start at chance level (50) unless some value is below it.
+    grid.set(ylim=(50 if long["AUROC (%)"].min() >= 50 else 0, 101))
+    grid.set_titles("{row_name} AUROC")
+    for ax in grid.axes.flat:
+        ax.tick_params(axis="x", rotation=30, labelbottom=True)
+        if len(ax.patches) <= MAX_LABELLED_BARS:
+            for bars in ax.containers:
+                ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    if grid.legend is not None:
+        grid.legend.set_title("")
+    seeds = "mean ± sd over seeds" if several_seeds else "one seed"
+    grid.figure.suptitle(f"AUROC per category ({seeds})")
+    grid.tight_layout()
+    grid.figure.subplots_adjust(top=0.88)
+    return Figure(title, _save(grid.figure, folder / FOLDER / "auroc_by_category.png"))
+
+
+def accuracy_latency(frame: pd.DataFrame, folder: Path) -> Figure:
+    """One point per method x backbone: mean image AUROC against end-to-end latency."""
+    title = "Image AUROC against latency"
+    if "latency_e2e_ms" not in frame or frame["latency_e2e_ms"].isna().all():
+        return Figure(
+            title,
+            None,
+            "skipped: the result rows have no latency_e2e_ms (these cells were not profiled)",
+        )
+    keys = ["method", "backbone"] + (["reference"] if frame["reference"].nunique() > 1 else [])
+    points = (
+        frame.dropna(subset=["latency_e2e_ms", "image_auroc"])
+        .groupby(keys, as_index=False)
+        .agg(latency=("latency_e2e_ms", "mean"), auroc=("image_auroc", "mean"))
+    )
+    points["auroc"] *= 100
+    labels = [k for k in keys if k != "backbone"]
+    points["method"] = points[labels].astype(str).agg(" / ".join, axis=1)
+    order = list(dict.fromkeys(frame[labels].astype(str).agg(" / ".join, axis=1)))
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    sns.scatterplot(
+        data=points,
+        x="latency",
+        y="auroc",
+        hue="method",
+        hue_order=order,
+        style="backbone",
+        s=90,
+        ax=ax,
+    )
+    if points["latency"].max() > 20 * points["latency"].min():
+        ax.set_xscale("log")
+    ax.set_xlabel("end-to-end latency per image, batch 1 (ms, median)")
+    ax.set_ylabel("image AUROC (%), mean over categories")
+    ax.set_title("Accuracy against latency (one point per method x backbone)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return Figure(title, _save(fig, folder / FOLDER / "accuracy_vs_latency.png"))
+
+
+def _gallery_columns(part: pd.DataFrame, folder: Path) -> list[tuple[str, dict]]:
+    """(series label, examples) per series of one category: the lowest seed's cell."""
+    columns = []
+    for label, cells in part.sort_values("seed").groupby("series", sort=False):
+        for key in cells["cell_key"]:
+            found = examples.load(folder, key)
+            if found is not None and len(found["names"]):
+                columns.append((str(label), found))
+                break
+    return columns
+
+
+def gallery(frame: pd.DataFrame, folder: Path, category: str) -> Figure:
+    """Image, ground truth and each method's map for the saved test images of a category."""
+    title = f"Anomaly maps, {category}"
+    columns = _gallery_columns(frame[frame["category"] == category], folder)
+    if not columns:
+        return Figure(title, None, "skipped: no anomaly maps saved for this category")
+    # The image column shows the widest view (a method that centre-crops sees less).
+    first = max((found for _, found in columns), key=lambda f: float(f.get("field", 1.0)))
+    names = [str(n) for n in first["names"]]
+    n_rows, n_cols = len(names), 2 + len(columns)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(1.7 * n_cols, 1.7 * n_rows + 0.9),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r, name in enumerate(names):
+        axes[r, 0].imshow(first["images"][r])
+        axes[r, 0].set_ylabel(name, fontsize=7)
+        axes[r, 1].imshow(first["masks"][r], cmap="gray", vmin=0, vmax=1)
+    axes[0, 0].set_title("image", fontsize=8)
+    axes[0, 1].set_title("ground truth", fontsize=8)
+    for c, (label, found) in enumerate(columns, start=2):
+        index = {str(n): i for i, n in enumerate(found["names"])}
+        maps = found["maps"].astype(np.float32)
+        low, high = float(maps.min()), float(maps.max())
+        image = None
+        for r, name in enumerate(names):
+            if name not in index:
+                axes[r, c].set_axis_off()
+                continue
+            i = index[name]
+            image = axes[r, c].imshow(maps[i], cmap=MAP_CMAP, vmin=low, vmax=high)
+            if found["masks"][i].any():
+                axes[r, c].contour(
+                    found["masks"][i], levels=[0.5], colors=MASK_COLOUR, linewidths=0.7
+                )
+        axes[0, c].set_title(label, fontsize=8)
+        if image is not None:
+            bar = fig.colorbar(image, ax=axes[:, c], location="bottom", shrink=0.9, aspect=12)
+            bar.ax.tick_params(labelsize=6)
+            bar.ax.xaxis.get_major_locator().set_params(nbins=3)
+    fig.suptitle(
+        f"{category}: anomaly maps\n(raw scores, one colour scale per method column;\n"
+        f"{MASK_COLOUR} line: ground truth)",
+        fontsize=8,
+    )
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in category)
+    return Figure(title, _save(fig, folder / FOLDER / f"gallery_{safe}.png"))
+
+
+def write_figures(folder: Path, rows: list[dict[str, Any]]) -> list[Figure]:
+    """Every figure of a run folder, rebuilt from its result rows and saved examples."""
+    frame = pd.DataFrame(rows)
+    frame["series"] = series_labels(frame)
+    with sns.plotting_context("paper"):
+        with sns.axes_style("whitegrid"):
+            figures = [auroc_bars(frame, folder), accuracy_latency(frame, folder)]
+        with sns.axes_style("white"):
+            galleries = [gallery(frame, folder, c) for c in dict.fromkeys(frame["category"])]
+    if all(g.path is None for g in galleries):
+        note = "skipped: no cell saved anomaly maps (a dataset without masks, or an older run)"
+        return [*figures, Figure("Anomaly maps", None, note)]
+    return figures + galleries

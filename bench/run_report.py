@@ -1,0 +1,111 @@
+"""``report.md``: one file that shows a run, rebuilt from the run folder alone.
+
+It holds what ran (from run.json), the result tables, every paper table the run has
+numbers for (paper / ours / delta), and the figures; ``bench run`` writes it at the end
+and ``bench report RUN`` rebuilds it, with everything it links, from the store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.comparison import Comparison, compare, render_markdown, write_comparison
+from bench.errors import BenchError
+from bench.published import load_table, table_names
+from bench.report import results_frame, write_tables
+
+REPORT = "report.md"
+
+
+def _written(comparison: Comparison, folder: Path, suffix: str = "") -> tuple[str, str]:
+    path = write_comparison(comparison, folder, suffix)
+    return f"{path.parent.name}/{path.name}", render_markdown(comparison)
+
+
+def write_paper_tables(
+    folder: Path, rows: list[dict[str, Any]], given: Sequence[Comparison] = ()
+) -> list[tuple[str, str]]:
+    """Every paper table this run has numbers for: (file or table name, markdown or error).
+
+    ``given`` are tables already built with options (``bench paper``); they replace the
+    default build of the same table.
+    """
+    written = [_written(c, folder) for c in given]
+    datasets = {r.get("dataset") for r in rows}
+    for name in table_names():
+        table = load_table(name)
+        if table.dataset not in datasets or name in {c.table.name for c in given}:
+            continue
+        references = sorted({r["reference"] for r in rows if r.get("dataset") == table.dataset})
+        for reference in references:
+            try:
+                comparison = compare(table, rows, reference)
+            except BenchError as exc:
+                written.append((name, f"not built: {exc}"))
+                continue
+            if comparison.has_ours:
+                suffix = "" if len(references) == 1 else f"-{reference}"
+                written.append(_written(comparison, folder, suffix))
+    return written
+
+
+def _run_lines(folder: Path) -> list[str]:
+    path = folder / "run.json"
+    if not path.is_file():
+        return ["(no run.json in this folder)"]
+    info = json.loads(path.read_text())
+    hardware = info.get("hardware", {})
+    versions = info.get("versions", {})
+    device = hardware.get("gpu") or hardware.get("processor") or "?"
+    return [
+        f"- command: `{info.get('command', '?')}`",
+        f"- started: {info.get('started', '?')}; git revision: {info.get('git_revision') or '?'}",
+        f"- device: {hardware.get('device', '?')} ({device}); CPU cores: "
+        f"{hardware.get('cpu_count', '?')}; torch threads: {hardware.get('torch_threads', '?')}",
+        "- versions: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if v and k in ("torch", "timm")),
+    ]
+
+
+def write_report(
+    folder: Path,
+    rows: list[dict[str, Any]],
+    failures: Sequence[tuple[str, str]] = (),
+    comparisons: Sequence[Comparison] = (),
+) -> str:
+    """Tables, paper tables, figures and report.md; returns the result tables' markdown."""
+    from bench.figures import write_figures
+
+    folder = Path(folder)
+    tables = write_tables(results_frame(rows), folder)
+    papers = write_paper_tables(folder, rows, comparisons)
+    figures = write_figures(folder, rows)
+    lines = [f"# Run {folder.name}", "", *_run_lines(folder), ""]
+    lines.append(f"{len(rows)} cells finished, {len(failures)} failed.")
+    lines += [f"- failed: {label}: {error.splitlines()[0]}" for label, error in failures]
+    lines += ["", "## Results", "", tables]
+    lines.append(
+        "Also as [LaTeX](tables.tex), [CSV](tables.csv) and every row in [results.csv](results.csv)."
+    )
+    lines += ["", "## Published numbers beside ours", ""]
+    if not papers:
+        lines.append(
+            f"No paper table covers this run (datasets: {', '.join(sorted(map(str, {r.get('dataset') for r in rows})))})."
+        )
+    for name, text in papers:
+        if text.startswith("not built:"):
+            lines += [f"Table {name} {text}", ""]
+        else:
+            lines += [f"[{name}]({name})", "", text]
+    lines += ["## Figures", ""]
+    for figure in figures:
+        if figure.path is None:
+            lines += [f"**{figure.title}**: {figure.note}", ""]
+        else:
+            link = figure.path.relative_to(folder).as_posix()
+            lines += [f"**{figure.title}**", "", f"![{figure.title}]({link})", ""]
+    (folder / REPORT).write_text("\n".join(lines).rstrip() + "\n")
+    return tables

@@ -1,0 +1,149 @@
+"""Figures, saved anomaly-map examples and report.md, rebuilt from a run folder alone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import examples
+from bench.cli import main
+from bench.datasets.base import Preprocess, Sample
+from bench.figures import write_figures
+from bench.run_report import write_report
+
+
+def _sample(name: str, label: int, image: np.ndarray) -> Sample:
+    return Sample(image, label, None, name.split("/")[0], name)
+
+
+def test_pick_spreads_over_defects_and_adds_one_normal() -> None:
+    image = np.zeros((8, 8, 3), np.uint8)
+    names = ["good/001", "b/000", "good/000", "a/001", "a/000", "c/000", "b/001"]
+    samples = [_sample(n, 0 if n.startswith("good") else 1, image) for n in names]
+    picked = [samples[i].name for i in examples.pick(samples)]
+    assert picked == ["a/000", "b/000", "c/000", "good/000"]
+    assert [samples[i].name for i in examples.pick(samples[:3])] == ["b/000", "good/000"]
+
+
+def test_collect_shrinks_and_keeps_raw_scores() -> None:
+    rng = np.random.default_rng(0)
+    samples = [
+        _sample(f"d/{i:03d}", 1, rng.integers(0, 255, (300, 300, 3), np.uint8)) for i in range(5)
+    ]
+    samples.append(_sample("good/000", 0, np.zeros((300, 300, 3), np.uint8)))
+    pre = Preprocess((256, 256), (224, 224))
+    maps = np.stack([np.full((224, 224), 100.0 * i, np.float32) for i in range(6)])
+    masks = np.zeros((6, 224, 224), np.uint8)
+    masks[0, :112] = 1
+    found = examples.collect(samples, pre, masks, maps)
+    assert list(found["names"]) == ["d/000", "d/002", "d/004", "good/000"]
+    assert found["images"].shape == (4, 128, 128, 3) and found["images"].dtype == np.uint8
+    assert found["maps"].dtype == np.float16 and found["maps"][:, 0, 0].tolist() == [
+        0,
+        200,
+        400,
+        500,
+    ]
+    assert found["masks"][0, :64].all() and not found["masks"][0, 64:].any()
+    assert float(found["field"]) == pytest.approx(224 / 256)
+    huge = examples.collect(samples, pre, masks, maps * 1e4)
+    assert huge["maps"].dtype == np.float32  # beyond float16's range: kept exact
+
+
+def _real_run(folder: Path) -> None:
+    code = main(
+        [
+            "run",
+            "--methods",
+            "padim,fastflow",
+            "--categories",
+            "brick",
+            "--input-size",
+            "64",
+            "--epochs",
+            "1",
+            "--weights",
+            "random",
+            "--out",
+            str(folder),
+        ]
+    )
+    assert code == 0
+
+
+def test_run_writes_report_and_bench_report_rebuilds_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _real_run(run)
+    report = (run / "report.md").read_text()
+    assert "## Results" in report and "| brick |" in report
+    assert "![AUROC per category](figures/auroc_by_category.png)" in report
+    assert "![Anomaly maps, brick](figures/gallery_brick.png)" in report
+    assert (
+        "**Image AUROC against latency**: skipped: the result rows have no latency_e2e_ms" in report
+    )
+    assert "No paper table covers this run (datasets: synthetic)." in report
+    assert len(list((run / "examples").glob("*.npz"))) == 2
+    with Image.open(run / "figures" / "gallery_brick.png") as first:
+        assert first.width > 300 and first.height > 300
+
+    for generated in ("figures", "paper"):
+        shutil.rmtree(run / generated, ignore_errors=True)
+    for name in ("report.md", "tables.md", "results.csv"):
+        (run / name).unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == report
+    for name in ("auroc_by_category.png", "gallery_brick.png"):
+        with Image.open(run / "figures" / name) as image:
+            assert image.width > 300
+    assert (run / "tables.md").is_file() and (run / "results.csv").is_file()
+
+
+def _row(method: str, backbone: str, category: str, auroc: float, **extra) -> dict:
+    return {
+        "dataset": "mvtec",
+        "category": category,
+        "method": method,
+        "base_method": method,
+        "backbone": backbone,
+        "seed": 0,
+        "reference": "original",
+        "weights": "random(seed=0)",
+        "pretrained": False,
+        "input": "resize 64x64 (bilinear)",
+        "image_auroc": auroc,
+        "pixel_auroc": auroc,
+        "aupro": auroc,
+        "trainable_params": 10,
+        "settings": {},
+        "cell_key": f"{method}-{backbone}-{category}",
+        **extra,
+    }
+
+
+def test_figures_from_rows_alone_and_paper_tables_in_the_report(tmp_path: Path) -> None:
+    rows = [
+        _row(m, b, c, a, latency_e2e_ms=lat)
+        for m, lat, a in (("padim", 20.0, 0.9), ("fastflow", 8.0, 0.8))
+        for b in ("resnet18", "wide_resnet50_2")
+        for c in ("bottle", "cable")
+    ]
+    figures = {f.title: f for f in write_figures(tmp_path, rows)}
+    assert (
+        figures["Image AUROC against latency"].path
+        == tmp_path / "figures" / "accuracy_vs_latency.png"
+    )
+    with Image.open(figures["AUROC per category"].path) as image:
+        assert image.width > 300
+    assert figures["Anomaly maps"].note.startswith("skipped: no cell saved anomaly maps")
+    assert len(figures) == 3  # one note for all categories, not one each
+
+    write_report(tmp_path, rows)
+    report = (tmp_path / "report.md").read_text()
+    assert "[paper/padim-mvtec.md](paper/padim-mvtec.md)" in report
+    assert "[paper/fastflow-backbones.md](paper/fastflow-backbones.md)" in report
+    assert "Not comparable with the paper" in report
+    assert "cflow-mvtec" not in report  # no CFLOW-AD rows: that table is left out
