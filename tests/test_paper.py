@@ -178,7 +178,7 @@ def test_random_weights_are_called_not_comparable(tmp_path: Path) -> None:
 def test_ablation_rows_follow_the_kernel_setting() -> None:
     cells = _grid_cells("fastflow-ablation", backbones=["resnet18"])
     assert {(c.method, c.settings["conv3x3_only"]) for c in cells} == {
-        ("fastflow", False),
+        ("fastflow-alt", False),
         ("fastflow-3x3", True),
     }
     rows = [
@@ -253,13 +253,16 @@ def test_bad_requests_get_one_line_errors(
 
 def test_grid_overrides_merge_with_the_table_grid() -> None:
     table = load_table("fastflow-ablation")
+    grid = {**table.grids[0], "set": {"fastflow": {"conv3x3_only": False}}}
+    table = dataclasses.replace(table, grids=[table.grids[0], grid])
     configs = grid_configs(
         table,
         {"backbones": ["resnet18"], "set": {"fastflow": {"epochs": "1"}}, "epochs": 2},
         Path("x"),
     )
-    assert [c.methods for c in configs] == [["fastflow-3x3"], ["fastflow"]]
+    assert [c.methods for c in configs] == [["fastflow-3x3", "fastflow-alt"]] * 2
     assert all(c.backbones == ["resnet18"] and c.epochs == 2 and c.out == "x" for c in configs)
+    assert configs[0].set == {"fastflow": {"epochs": "1"}}
     assert configs[1].set == {"fastflow": {"conv3x3_only": False, "epochs": "1"}}
 
 
