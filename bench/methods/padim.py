@@ -25,7 +25,7 @@ from bench.methods.base import Method, MethodContext, register_method
 PAPER_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 LAYERS = ("layer1", "layer2", "layer3")
 # Positions whose covariances are estimated together; bounds the float64 scratch memory.
-POSITION_CHUNK = 256
+POSITION_CHUNK = 32
 
 
 @dataclass(frozen=True)
