@@ -210,8 +210,7 @@ def cmd_speed(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     from bench.cell import resolve_device
-    from bench.profiling import ProfileSettings
-    from bench.speed import caption, format_table, speed_rows, write_table
+    from bench.speed import caption, check_out_path, format_table, speed_rows, write_table
 
     config = RunConfig(
         methods=args.methods or METHODS.names(),
@@ -222,9 +221,14 @@ def cmd_speed(args: argparse.Namespace, argv: list[str]) -> int:
         set=parse_set(args.set_items),
         device=args.device,
         threads=args.threads,
+        profile_repeats=args.repeats,
+        profile_warmup=args.warmup,
+        throughput_batch=args.throughput_batch,
     )
     config.validate()
-    settings = ProfileSettings(args.repeats, args.warmup, args.throughput_batch)
+    settings = config.profile_settings()
+    if args.out:
+        check_out_path(Path(args.out))
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -226,6 +226,7 @@ def profile_inference(
         "flops_backbone": count_flops(lambda: extractor(single)),
         "throughput_batch": settings.throughput_batch,
         "profile_repeats": settings.repeats,
+        "profile_warmup": settings.warmup,
         "dtype": parameter_dtype(extractor),
     }
     for name, fn in (("head", head_single), ("e2e", e2e_single)):

@@ -82,7 +82,6 @@ def speed_rows(
                 **peak.read(),
                 "device": device,
                 "threads": torch.get_num_threads(),
-                "profile_warmup": settings.warmup,
                 "settings": cell.settings,
             }
             del method, extractor
@@ -140,14 +139,18 @@ def to_markdown(rows: list[dict[str, Any]], settings: ProfileSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_out_path(path: Path) -> None:
+    if path.suffix not in (".csv", ".md"):
+        raise BenchError(f"--out {path}: expected a .csv or .md file name")
+
+
 def write_table(rows: list[dict[str, Any]], settings: ProfileSettings, path: Path) -> None:
     """CSV holds every raw column (result-row names); markdown the printed table."""
+    check_out_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".md":
         path.write_text(to_markdown(rows, settings))
         return
-    if path.suffix != ".csv":
-        raise BenchError(f"--out {path}: expected a .csv or .md file name")
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
