@@ -3,7 +3,7 @@
 Every figure is measured the same way for every method, on random input of the cell's
 size, so ``bench run`` (after a real fit) and ``bench speed`` (untrained, no dataset)
 give comparable numbers. docs/profiling.md says what each column means and what the
-FLOP counter misses. Column names are fixed by the result-row schema (README).
+FLOP counter misses; the report reads these columns by name.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,13 @@ class ProfileSettings:
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
-            raise BenchError(f"profile repeats {self.repeats}: need at least one timed call")
+            raise BenchError(
+                f"--profile-repeats (bench speed: --repeats) {self.repeats}: give at least 1"
+            )
         if self.warmup < 0:
-            raise BenchError(f"profile warm-up {self.warmup}: must be 0 or more")
+            raise BenchError(
+                f"--profile-warmup (bench speed: --warmup) {self.warmup}: give 0 or more"
+            )
         if self.throughput_batch < 1:
             raise BenchError(f"--throughput-batch {self.throughput_batch}: must be at least 1")
 
@@ -271,6 +276,17 @@ def cell_costs(
         "params_backbone": count_parameters(extractor),
         "dtype": parameter_dtype(extractor),
     }
-    if settings is not None:
+    if settings is None:
+        return costs
+    try:
         costs.update(profile_inference(method, extractor, settings))
+    except RuntimeError as exc:  # e.g. out of memory at the throughput batch
+        # The cell's accuracy stands; its speed figures stay absent, with the reason.
+        costs["profile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        warnings.warn(
+            f"profiling failed ({costs['profile_error']}); lower --throughput-batch",
+            stacklevel=2,
+        )
+        if method.device.type == "cuda":
+            torch.cuda.empty_cache()
     return costs

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from bench import cli
+from bench import cli, profiling
 from bench.cell import Environment, build_method, run_cell
 from bench.config import Cell, RunConfig, resolve_settings
 from bench.datasets.base import Dataset, Sample
@@ -216,6 +216,20 @@ def test_run_cell_without_profile_keeps_free_figures_only() -> None:
     assert not any(key in row for key in (*TIMED, "flops_head", "flops_backbone"))
 
 
+def test_failed_profile_keeps_the_cell_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(profiling, "profile_inference", out_of_memory)
+    env = Environment(data_root=None, progress=False, profile=QUICK)
+    with pytest.warns(UserWarning, match="profiling failed"):
+        row = run_cell(_cell("padim"), env)
+    assert (
+        row["profile_error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
+    assert row["image_auroc"] is not None and "latency_e2e_ms" not in row
+
+
 def test_bench_speed_prints_and_writes_the_table_without_a_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -241,7 +255,9 @@ def test_bench_speed_prints_and_writes_the_table_without_a_dataset(
 
 def test_bench_speed_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["speed", "--methods", "fastflow", "--repeats", "0"]) == 2
-    assert "profile repeats 0" in capsys.readouterr().err
+    assert (
+        "--profile-repeats (bench speed: --repeats) 0: give at least 1" in capsys.readouterr().err
+    )
     assert cli.main(["speed", "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli.main(["speed", "--methods", "fastflow", "--out", str(tmp_path / "t.txt")]) == 2
