@@ -24,6 +24,7 @@ from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures, FeatureSource, StreamedFeatures
 from bench.methods.base import Method, MethodContext
+from bench.profiling import PeakMemory, ProfileSettings, cell_costs
 from bench.registry import DATASETS, METHODS
 
 
@@ -36,6 +37,7 @@ class Environment:
     workers: int = 0
     progress: bool = True
     spill_dir: str | None = None
+    profile: ProfileSettings | None = ProfileSettings()  # None: no FLOPs, latency, throughput
 
 
 def resolve_device(name: str) -> str:
@@ -153,6 +155,7 @@ def _train_source(
 def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     """Train and evaluate one cell; returns its result row."""
     seed_everything(cell.seed)
+    peak = PeakMemory(torch.device(env.device))
     dataset = DATASETS.get(cell.dataset)(Path(env.data_root) if env.data_root else None)
     dataset.check_category(cell.category)
     train_samples = dataset.train(cell.category)
@@ -196,6 +199,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         raise BenchError(f"{cell.method} returned {start} predictions for {n} test images")
     values = metrics.evaluate(gt, scores, maps)
     t4 = time.perf_counter()
+    costs = cell_costs(method, extractor, env.profile, peak, fit_seconds=t2 - t1)
 
     return {
         "dataset": cell.dataset,
@@ -218,6 +222,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         "fit_seconds": t2 - t1,
         "test_seconds": t3 - t2,
         "metric_seconds": t4 - t3,
+        **costs,
         "device": env.device,
         "threads": torch.get_num_threads(),
         "settings": cell.settings,

@@ -1,4 +1,4 @@
-"""The ``bench`` command line: run | list | report | paper."""
+"""The ``bench`` command line: run | list | report | paper | speed."""
 
 from __future__ import annotations
 
@@ -60,6 +60,16 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="a built-in preset name or a YAML file; the synthetic dataset defaults to 'quick'",
     )
     add("--force", action="store_true", help="recompute cells already in the run folder")
+    add("--profile-repeats", type=int, help="timed calls per latency figure (default 20)")
+    add("--profile-warmup", type=int, help="untimed calls before each latency series (default 2)")
+    add("--throughput-batch", type=int, help="images per call for throughput (default 32)")
+    add(
+        "--no-profile",
+        dest="profile",
+        action="store_const",
+        const=False,
+        help="skip FLOPs, latency and throughput (parameters, memory and times stay)",
+    )
 
 
 def _preset_settings_in_play(config: RunConfig, args: argparse.Namespace) -> dict:
@@ -136,6 +146,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "workers",
         "threads",
         "executor",
+        "profile",
+        "profile_repeats",
+        "profile_warmup",
+        "throughput_batch",
     ]
     for name in direct:
         value = getattr(args, name)
@@ -303,6 +317,67 @@ def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
     return 1 if failures else 0
 
 
+def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--methods", type=_csv, help="comma-separated method names (default: every registered one)")
+    add("--backbone", "--backbones", dest="backbones", type=_csv, help="timm backbone names")
+    add("--input-size", type=int, help="input side in pixels (default: each method's reference)")
+    add("--reference", default="original", help="original (default) or anomalib")
+    add("--weights", default="random", help="random (default) | auto | imagenet | PATH")
+    add("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    add("--threads", type=int, help="torch CPU threads")
+    add("--repeats", type=int, default=20, help="timed calls per latency figure (default 20)")
+    add("--warmup", type=int, default=2, help="untimed calls before each series (default 2)")
+    add("--throughput-batch", type=int, default=32, help="images per throughput call (default 32)")
+    add(
+        "--set",
+        dest="set_items",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="override one method setting, as in bench run (repeatable)",
+    )
+    add("--out", help="also write the table: a .csv (every column) or .md file")
+
+
+def cmd_speed(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    from bench.cell import resolve_device
+    from bench.speed import caption, check_out_path, format_table, speed_rows, write_table
+
+    config = RunConfig(
+        methods=args.methods or METHODS.names(),
+        backbones=args.backbones or ["resnet18"],
+        reference=args.reference,
+        weights=args.weights,
+        input_size=args.input_size,
+        set=parse_set(args.set_items),
+        device=args.device,
+        threads=args.threads,
+        profile_repeats=args.repeats,
+        profile_warmup=args.warmup,
+        throughput_batch=args.throughput_batch,
+    )
+    config.validate()
+    settings = config.profile_settings()
+    if args.out:
+        check_out_path(Path(args.out))
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    rows = []
+    for row in speed_rows(config, settings, device):
+        print(f"profiled {row['method']} / {row['backbone']}", file=sys.stderr)
+        rows.append(row)
+    print(format_table(rows))
+    print(caption(rows, settings), file=sys.stderr)
+    if args.out:
+        write_table(rows, settings, Path(args.out))
+        print(f"table written to {args.out}", file=sys.stderr)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="Benchmark flow-based image anomaly detectors."
@@ -332,6 +407,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_paper_arguments(paper)
     paper.set_defaults(func=cmd_paper)
+    speed = sub.add_parser(
+        "speed",
+        parents=[common],
+        help="parameters, FLOPs, latency, throughput and memory on random input (no dataset)",
+    )
+    _add_speed_arguments(speed)
+    speed.set_defaults(func=cmd_speed)
     return parser
 
 

@@ -20,6 +20,7 @@ import yaml
 from bench.errors import BenchError
 from bench.extractor import WEIGHT_POLICIES
 from bench.methods.base import REFERENCES, apply_overrides
+from bench.profiling import ProfileSettings
 from bench.registry import DATASETS, METHODS
 
 # Flags that map onto a method setting of the same name, for every method that has it.
@@ -49,6 +50,10 @@ class RunConfig:
     threads: int | None = None
     executor: str = "local"
     preset: str | None = None
+    profile: bool = True  # FLOPs, latency and throughput after each cell's test
+    profile_repeats: int = 20
+    profile_warmup: int = 2
+    throughput_batch: int = 32
 
     def validate(self) -> None:
         if self.reference not in REFERENCES:
@@ -67,6 +72,12 @@ class RunConfig:
         for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):
             if value is not None and value <= 0:
                 raise BenchError(f"{flag} {value}: must be positive")
+        self.profile_settings()
+
+    def profile_settings(self) -> ProfileSettings | None:
+        """How each cell is profiled; None when profiling is off."""
+        settings = ProfileSettings(self.profile_repeats, self.profile_warmup, self.throughput_batch)
+        return settings if self.profile else None
 
 
 def _preset_text(name: str) -> str:

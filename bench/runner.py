@@ -146,6 +146,7 @@ def run_grid(
         workers=default_workers() if config.workers is None else config.workers,
         progress=sys.stderr.isatty() or os.environ.get("FLOWAD_PROGRESS") == "1",
         spill_dir=str(folder),
+        profile=config.profile_settings(),
     )
     failures: list[tuple[str, str]] = []
     twins = group_identical(todo)

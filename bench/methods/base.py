@@ -103,6 +103,12 @@ class Method(ABC):
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def init_untrained(self) -> None:
+        """Stand-in fitted state, so ``predict_batch`` does its real work without a fit
+        (``bench speed`` times untrained methods). Flows predict as built; a method whose
+        prediction reads statistics that only ``fit`` sets overrides this."""
+        return None
+
     def state_dict(self) -> dict[str, Tensor]:
         return self.model.state_dict()
 

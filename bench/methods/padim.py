@@ -181,6 +181,17 @@ class Padim(Method):
         return 0
 
     @torch.no_grad()
+    def init_untrained(self) -> None:
+        """The statistics of standard normal features: zero mean, identity precision, at
+        every position (the distance costs the same whatever the values)."""
+        self._model.mean.zero_()
+        self._model.inv_covariance.copy_(
+            torch.eye(self._model.index.numel(), device=self.device).expand_as(
+                self._model.inv_covariance
+            )
+        )
+
+    @torch.no_grad()
     def fit(self, train: FeatureSource) -> None:
         n = len(train)
         if n < 2:
