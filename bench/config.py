@@ -25,6 +25,8 @@ from bench.registry import DATASETS, METHODS
 # Flags that map onto a method setting of the same name, for every method that has it.
 SHARED_SETTINGS = ("input_size", "epochs", "batch_size", "lr")
 
+EXECUTORS = ("local", "ray")
+
 
 @dataclass
 class RunConfig:
@@ -48,6 +50,10 @@ class RunConfig:
     workers: int | None = None
     threads: int | None = None
     executor: str = "local"
+    ray_address: str | None = None
+    gpus_per_cell: float | None = None  # None: one GPU where the cluster has GPUs, else none
+    cpus_per_cell: float = 1.0
+    retries: int = 1
     preset: str | None = None
 
     def validate(self) -> None:
@@ -67,6 +73,25 @@ class RunConfig:
         for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):
             if value is not None and value <= 0:
                 raise BenchError(f"{flag} {value}: must be positive")
+        self._validate_executor()
+
+    def _validate_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise BenchError(f"--executor {self.executor}: expected one of {', '.join(EXECUTORS)}")
+        if self.executor != "ray" and self.ray_address:
+            raise BenchError(f"--ray-address {self.ray_address}: add --executor ray to use it")
+        if self.cpus_per_cell <= 0:
+            raise BenchError(f"--cpus-per-cell {self.cpus_per_cell}: must be positive")
+        if self.gpus_per_cell is not None and self.gpus_per_cell < 0:
+            raise BenchError(f"--gpus-per-cell {self.gpus_per_cell}: must be 0 or more")
+        if self.retries < 0:
+            raise BenchError(f"--retries {self.retries}: must be 0 or more")
+        if self.executor == "ray" and self.device.startswith("cuda:"):
+            raise BenchError(
+                f"--device {self.device}: with --executor ray use --device cuda; Ray assigns each cell its GPU"
+            )
+        if self.executor == "ray" and self.device == "cuda" and self.gpus_per_cell == 0:
+            raise BenchError("--device cuda with --gpus-per-cell 0: a cell would see no GPU")
 
 
 def _preset_text(name: str) -> str:
