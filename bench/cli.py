@@ -54,7 +54,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--workers", type=int, help="image-loading worker processes")
     add("--threads", type=int, help="torch CPU threads")
-    add("--executor", help="local (default)")
+    add("--executor", help="local (default), or ray: one Ray task per cell (docs/ray.md)")
+    add("--ray-address", help="Ray cluster to join, e.g. HEAD:6379 (default: start a local one)")
+    add("--gpus-per-cell", type=float, help="GPUs per Ray task (default: 1 if the cluster has any)")
+    add("--cpus-per-cell", type=float, help="CPUs per Ray task (default: 1)")
+    add("--retries", type=int, help="Ray: reruns of a cell whose worker died (default: 1)")
     add(
         "--preset",
         help="a built-in preset name or a YAML file; the synthetic dataset defaults to 'quick'",
@@ -150,6 +154,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         "profile_repeats",
         "profile_warmup",
         "throughput_batch",
+        "ray_address",
+        "gpus_per_cell",
+        "cpus_per_cell",
+        "retries",
     ]
     for name in direct:
         value = getattr(args, name)

@@ -26,6 +26,8 @@ from bench.registry import DATASETS, METHODS
 # Flags that map onto a method setting of the same name, for every method that has it.
 SHARED_SETTINGS = ("input_size", "epochs", "batch_size", "lr")
 
+EXECUTORS = ("local", "ray")
+
 
 @dataclass
 class RunConfig:
@@ -49,6 +51,10 @@ class RunConfig:
     workers: int | None = None
     threads: int | None = None
     executor: str = "local"
+    ray_address: str | None = None
+    gpus_per_cell: float | None = None  # None: one GPU where the cluster has GPUs, else none
+    cpus_per_cell: float = 1.0
+    retries: int = 1
     preset: str | None = None
     profile: bool = True  # FLOPs, latency and throughput after each cell's test
     profile_repeats: int = 20
@@ -73,11 +79,30 @@ class RunConfig:
             if value is not None and value <= 0:
                 raise BenchError(f"{flag} {value}: must be positive")
         self.profile_settings()
+        self._validate_executor()
 
     def profile_settings(self) -> ProfileSettings | None:
         """How each cell is profiled; None when profiling is off."""
         settings = ProfileSettings(self.profile_repeats, self.profile_warmup, self.throughput_batch)
         return settings if self.profile else None
+
+    def _validate_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise BenchError(f"--executor {self.executor}: expected one of {', '.join(EXECUTORS)}")
+        if self.executor != "ray" and self.ray_address:
+            raise BenchError(f"--ray-address {self.ray_address}: add --executor ray to use it")
+        if self.cpus_per_cell <= 0:
+            raise BenchError(f"--cpus-per-cell {self.cpus_per_cell}: must be positive")
+        if self.gpus_per_cell is not None and self.gpus_per_cell < 0:
+            raise BenchError(f"--gpus-per-cell {self.gpus_per_cell}: must be 0 or more")
+        if self.retries < 0:
+            raise BenchError(f"--retries {self.retries}: must be 0 or more")
+        if self.executor == "ray" and self.device.startswith("cuda:"):
+            raise BenchError(
+                f"--device {self.device}: with --executor ray use --device cuda; Ray assigns each cell its GPU"
+            )
+        if self.executor == "ray" and self.device == "cuda" and self.gpus_per_cell == 0:
+            raise BenchError("--device cuda with --gpus-per-cell 0: a cell would see no GPU")
 
 
 def _preset_text(name: str) -> str:

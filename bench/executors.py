@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from bench.cell import Environment, describe_failure, run_cell
-from bench.config import Cell
+from bench.config import EXECUTORS, Cell, RunConfig
 from bench.errors import BenchError
 
 OnResult = Callable[[Cell, dict[str, Any]], None]
@@ -44,10 +44,12 @@ class LocalExecutor:
             on_result(cell, row)
 
 
-EXECUTORS = ("local",)
-
-
-def make_executor(name: str, debug: bool = False) -> Executor:
-    if name == "local":
+def make_executor(config: RunConfig, debug: bool = False) -> Executor:
+    """The executor a run asks for; Ray is imported only when it is used."""
+    if config.executor == "local":
         return LocalExecutor(debug)
-    raise BenchError(f"--executor {name}: expected one of {', '.join(EXECUTORS)}")
+    if config.executor == "ray":
+        from bench.ray_executor import RayExecutor
+
+        return RayExecutor.from_config(config, debug)
+    raise BenchError(f"--executor {config.executor}: expected one of {', '.join(EXECUTORS)}")

@@ -352,7 +352,9 @@ def aupro(
     del order, all_region_ids
     below = np.searchsorted(above, all_region_keys, side="left")
     below_or_equal = np.searchsorted(above, all_region_keys, side="right")
-    area = float(np.dot(pixel_weight, (below + below_or_equal) * 0.5)) / n_ok
+    # np.sum, not np.dot: BLAS splits a dot product by thread count, so the last digits
+    # would depend on the machine (a Ray worker and a laptop would disagree).
+    area = float(np.sum(pixel_weight * ((below + below_or_equal) * 0.5))) / n_ok
 
     if threshold is not None:
         # Partial segment from the last point at or below the limit, (F0, P0), to the first

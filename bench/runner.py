@@ -83,7 +83,7 @@ def _hardware(device: str) -> dict[str, Any]:
         info["memory_gb"] = round(pages / 1024**3, 1)
     except (ValueError, OSError, AttributeError):
         info["memory_gb"] = None
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
@@ -128,7 +128,9 @@ def run_grid(
 ) -> RunSummary:
     """Run every cell not already in the store; each row is stored the moment it exists."""
     config.validate()
-    device = resolve_device(config.device)
+    executor = make_executor(config, debug)
+    # Ray workers resolve the device themselves: the driver may have no GPU while they do.
+    device = config.device if config.executor == "ray" else resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     categories = resolve_categories(config)
@@ -165,7 +167,7 @@ def run_grid(
 
     try:
         representatives = [c for c in todo if c.key in twins]
-        make_executor(config.executor, debug).execute(representatives, env, on_result, on_failure)
+        executor.execute(representatives, env, on_result, on_failure)
     finally:
         rows = [r for r in store.rows() if r["cell_key"] in {c.key for c in cells}]
         store.close()
