@@ -54,7 +54,7 @@ def test_collect_shrinks_and_keeps_raw_scores() -> None:
     assert huge["maps"].dtype == np.float32  # beyond float16's range: kept exact
 
 
-def _real_run(folder: Path) -> None:
+def _real_run(folder: Path, *extra: str) -> None:
     code = main(
         [
             "run",
@@ -70,6 +70,7 @@ def _real_run(folder: Path) -> None:
             "random",
             "--out",
             str(folder),
+            *extra,
         ]
     )
     assert code == 0
@@ -82,9 +83,8 @@ def test_run_writes_report_and_bench_report_rebuilds_it(tmp_path: Path) -> None:
     assert "## Results" in report and "| brick |" in report
     assert "![AUROC per category](figures/auroc_by_category.png)" in report
     assert "![Anomaly maps, brick](figures/gallery_brick.png)" in report
-    assert (
-        "**Image AUROC against latency**: skipped: the result rows have no latency_e2e_ms" in report
-    )
+    assert "figures/accuracy_vs_latency.png" in report  # every cell is profiled
+    assert (run / "figures" / "accuracy_vs_latency.png").is_file()
     assert "No paper table covers this run (datasets: synthetic)." in report
     assert len(list((run / "examples").glob("*.npz"))) == 2
     with Image.open(run / "figures" / "gallery_brick.png") as first:
@@ -147,3 +147,12 @@ def test_figures_from_rows_alone_and_paper_tables_in_the_report(tmp_path: Path) 
     assert "[paper/fastflow-backbones.md](paper/fastflow-backbones.md)" in report
     assert "Not comparable with the paper" in report
     assert "cflow-mvtec" not in report  # no CFLOW-AD rows: that table is left out
+
+
+def test_unprofiled_run_says_why_the_latency_figure_is_missing(tmp_path: Path) -> None:
+    _real_run(tmp_path, "--no-profile")
+    report = (tmp_path / "report.md").read_text()
+    assert "**Image AUROC against latency**: skipped: the result rows have no latency_e2e_ms" in (
+        report
+    )
+    assert not (tmp_path / "figures" / "accuracy_vs_latency.png").exists()
