@@ -143,6 +143,7 @@ def _train_source(
             device,
             spill_dir=Path(env.spill_dir) if env.spill_dir else None,
             desc=f"train features {cell.category}",
+            progress=env.progress,
         )
     augmented = ImageSet(images.samples, images.pre, augment)
 

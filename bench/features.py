@@ -78,6 +78,7 @@ class CachedFeatures(FeatureSource):
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         spill_dir: Path | None = None,
         desc: str = "features",
+        progress: bool = True,
     ) -> CachedFeatures:
         n = len(loader.dataset)
         per_image = sum(c * math.prod(extractor.shapes[k]) for k, c in extractor.channels.items())
@@ -94,7 +95,7 @@ class CachedFeatures(FeatureSource):
             else:
                 tensors[layer] = torch.empty(shape, dtype=torch.float32)
         start = 0
-        for images in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        for images in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not progress):
             feats = extractor(images.to(device))
             stop = start + images.shape[0]
             for layer, value in feats.items():
