@@ -54,8 +54,7 @@ class Baseline:
     made_with: dict[str, Any] = field(default_factory=dict)
 
     def run_config(self, out: str) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        return RunConfig(**{k: v for k, v in self.config.items() if k in known}, out=out)
+        return RunConfig(**{**self.config, "out": out})
 
     def tolerance(self, metric: str) -> float:
         return self.tolerances.get(metric, self.tolerances.get("default", DEFAULT_TOLERANCE))
@@ -99,6 +98,13 @@ def load_baseline(path: Path) -> Baseline:
         absent = [k for k in (*IDENTITY, "settings") if k not in cell]
         if absent:
             raise BenchError(f"--baseline {path}: cell {index} lacks {', '.join(absent)}")
+    known = {f.name for f in dataclasses.fields(RunConfig)} - set(_RUN_ONLY)
+    unknown = sorted(set(data["config"]) - known)
+    if unknown:
+        raise BenchError(
+            f"--baseline {path}: unknown 'config' keys {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
     tolerances = _check_tolerances(data.get("tolerances", {}), f"--baseline {path}")
     return Baseline(data["config"], tolerances, data["cells"], data.get("made_with", {}))
 
@@ -299,7 +305,7 @@ def format_result(result: CheckResult, baseline_path: Path) -> str:
     lines: list[str] = []
     sections = (
         ("regression", "REGRESSIONS: dropped by more than the tolerance"),
-        ("absent", "ABSENT: a metric present on one side only"),
+        ("absent", "ABSENT: a metric missing on one side, or NaN"),
         ("improvement", "IMPROVEMENTS beyond the tolerance (the check still passes)"),
     )
     for status, title in sections:
@@ -330,8 +336,10 @@ def format_result(result: CheckResult, baseline_path: Path) -> str:
         lines.append(
             f"FAIL: {baseline_path} (compared {len(compared)} metrics of {cells} cells{largest})"
         )
-    if result.of("improvement") or result.changed:
-        lines.append(f"to accept the new numbers: bench check --baseline {baseline_path} --update")
+    if result.of("improvement") or result.of("regression") or result.changed:
+        lines.append(
+            f"if the change is intended, record it: bench check --baseline {baseline_path} --update"
+        )
     return "\n".join(lines)
 
 

@@ -43,7 +43,9 @@ def _row(method: str, category: str, **metrics: float | None) -> dict[str, Any]:
 
 
 def _baseline(rows: list[dict[str, Any]], **tolerances: float) -> Baseline:
-    return Baseline({"methods": ["a", "b"]}, tolerances or {"default": 0.02}, baseline_cells(rows))
+    return Baseline(
+        {"methods": ["fastflow", "padim"]}, tolerances or {"default": 0.02}, baseline_cells(rows)
+    )
 
 
 ROWS = [_row(m, c) for m in ("fastflow", "padim") for c in ("brick", "washer")]
@@ -133,6 +135,7 @@ def test_file_round_trip_and_bad_files(tmp_path: Path) -> None:
         ({"tolerances": {"auroc": 0.1}}, "unknown tolerance 'auroc'"),
         ({"tolerances": {"default": -1}}, "must be a number >= 0"),
         ({"cells": [{"method": "a"}]}, "cell 0 has no 'metrics'"),
+        ({"config": {"epoch": 3}}, "unknown 'config' keys epoch"),
     ):
         path.write_text(json.dumps({**data, **change}))
         with pytest.raises(BenchError, match=message):
