@@ -1,4 +1,4 @@
-"""The ``bench`` command line: run | list | report | paper | speed."""
+"""The ``bench`` command line: run | list | report | paper | speed | check."""
 
 from __future__ import annotations
 
@@ -386,6 +386,42 @@ def cmd_speed(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _grid_flags_given(args: argparse.Namespace) -> list[str]:
+    """The `bench run` flags on this command line, except --out (which says where, not what)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _add_run_arguments(probe)
+    return [
+        action.option_strings[0]
+        for action in probe._actions
+        if action.dest != "out" and getattr(args, action.dest) != action.default
+    ]
+
+
+def cmd_check(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench import check
+
+    path = Path(args.baseline)
+    flags = _grid_flags_given(args)
+    if "--force" in flags:
+        raise BenchError("--force: bench check always recomputes its grid (--run reads a folder)")
+    if flags and (args.run or path.exists()):
+        where = f"--run {args.run} holds its own cells" if args.run else f"{path} records it"
+        raise BenchError(
+            f"{flags[0]}: grid flags only describe a new baseline; {where}. To change the grid "
+            f"of {path}, edit its 'config' and rerun with --update"
+        )
+    return check.execute(
+        path,
+        run=args.run,
+        out=args.out,
+        tolerance=args.tolerance,
+        update=args.update,
+        new_config=lambda: build_config(args),
+        argv=argv,
+        debug=args.debug,
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="Benchmark flow-based image anomaly detectors."
@@ -422,6 +458,24 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_speed_arguments(speed)
     speed.set_defaults(func=cmd_speed)
+    checker = sub.add_parser(
+        "check",
+        parents=[common],
+        help="regression gate: rerun a baseline's grid and compare every metric",
+        description="Run the grid a baseline file records (or read --run) and compare every "
+        "metric of every cell with it; exit 1 when one drops by more than its tolerance or a "
+        "cell is missing. The `bench run` flags apply only when --update creates a new file.",
+    )
+    checker.add_argument("--baseline", required=True, help="baseline JSON file")
+    checker.add_argument("--run", help="compare this run folder instead of running the grid")
+    checker.add_argument(
+        "--tolerance", type=float, help="one tolerance for every metric (default: the file's)"
+    )
+    checker.add_argument(
+        "--update", action="store_true", help="(re)write the baseline from this run"
+    )
+    _add_run_arguments(checker)
+    checker.set_defaults(func=cmd_check)
     return parser
 
 

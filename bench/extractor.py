@@ -206,7 +206,11 @@ class FeatureExtractor(nn.Module):
                 f"backbone {backbone} takes {n}x{n} input, got --input-size "
                 f"{self.input_size[0]}x{self.input_size[1]}"
             )
-        self.model, self.weights = self._build(weights, provenance)
+        # Building consumes the global RNG (random init, and timm initialises before loading
+        # weights); fork it so a cell draws the same numbers whether it builds its extractor
+        # or reuses a cached one.
+        with torch.random.fork_rng(devices=[]):
+            self.model, self.weights = self._build(weights, provenance)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
