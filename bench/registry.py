@@ -77,11 +77,24 @@ _loaded = False
 
 
 def load_plugins() -> None:
-    """Import the built-in plugin modules and every installed entry-point plugin once."""
+    """Import the built-in plugin modules and every installed entry-point plugin once.
+
+    The flag is set first, so a plugin that looks something up while it is imported does
+    not start the import over; an import cut short (an error, Ctrl-C) clears it again so
+    the next lookup retries instead of seeing an empty registry.
+    """
     global _loaded
     if _loaded:
         return
     _loaded = True
+    try:
+        _import_plugins()
+    except BaseException:
+        _loaded = False
+        raise
+
+
+def _import_plugins() -> None:
     importlib.import_module("bench.extractor")
     for package_name in _BUILTIN_PACKAGES:
         package = importlib.import_module(package_name)
@@ -90,7 +103,7 @@ def load_plugins() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()
-        except Exception as exc:  # a broken third-party plugin must not hide the others
+        except Exception as exc:  # name the broken third-party plugin, not just its traceback
             raise BenchError(
                 f"plugin '{ep.name}' ({ep.value}) from group {ENTRY_POINT_GROUP} failed to load: {exc}"
             ) from exc

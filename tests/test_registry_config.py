@@ -136,3 +136,22 @@ def test_preset_method_settings_are_defaults_for_methods_in_the_run():
     assert config("--set", "cflow.epochs=2").set == {"cflow": {"epochs": "2"}}
     cells = expand_cells(config("--methods", "cflow,fastflow"), ["brick"])
     assert {c.method: c.settings["epochs"] for c in cells} == {"cflow": 1, "fastflow": 10}
+
+
+def test_interrupted_plugin_import_is_retried(monkeypatch):
+    import bench.registry as registry
+
+    calls = []
+    real = registry._import_plugins
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real()
+
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_import_plugins", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        registry.load_plugins()
+    assert "padim" in registry.METHODS.names() and len(calls) == 2
