@@ -92,9 +92,8 @@ def write_report(
     )
     lines += ["", "## Published numbers beside ours", ""]
     if not papers:
-        lines.append(
-            f"No paper table covers this run (datasets: {', '.join(sorted(map(str, {r.get('dataset') for r in rows})))})."
-        )
+        datasets = ", ".join(sorted(map(str, {r.get("dataset") for r in rows})))
+        lines += [f"No paper table covers this run (datasets: {datasets}).", ""]
     for name, text in papers:
         if text.startswith("not built:"):
             lines += [f"Table {name} {text}", ""]
