@@ -132,35 +132,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     config = RunConfig()
     if preset:
         config = dataclasses.replace(config, **load_preset(preset), preset=preset)
-    direct = [
-        "methods",
-        "dataset",
-        "data_root",
-        "categories",
-        "backbones",
-        "seeds",
-        "reference",
-        "weights",
-        "input_size",
-        "epochs",
-        "batch_size",
-        "lr",
-        "out",
-        "device",
-        "workers",
-        "threads",
-        "executor",
-        "profile",
-        "profile_repeats",
-        "profile_warmup",
-        "throughput_batch",
-        "ray_address",
-        "gpus_per_cell",
-        "cpus_per_cell",
-        "retries",
-    ]
+    direct = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("set", "preset")]
     for name in direct:
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)
     if not config.methods:
