@@ -350,14 +350,17 @@ def cmd_speed(args: argparse.Namespace, argv: list[str]) -> int:
         torch.set_num_threads(config.threads)
     rows = []
     for row in speed_rows(config, settings, device):
-        print(f"profiled {row['method']} / {row['backbone']}", file=sys.stderr)
+        if "error" in row:
+            print(f"FAILED {row['method']} / {row['backbone']}: {row['error']}", file=sys.stderr)
+        else:
+            print(f"profiled {row['method']} / {row['backbone']}", file=sys.stderr)
         rows.append(row)
     print(format_table(rows))
     print(caption(rows, settings), file=sys.stderr)
     if args.out:
         write_table(rows, settings, Path(args.out))
         print(f"table written to {args.out}", file=sys.stderr)
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 def _grid_flags_given(args: argparse.Namespace) -> list[str]:

@@ -64,27 +64,42 @@ def speed_rows(
                 weights=config.weights,
                 settings=dataclasses.asdict(method_settings),
             )
-            peak = PeakMemory(torch.device(device))
-            method, extractor, pre = build_method(cell, env)
-            method.init_untrained()
-            profile = profile_inference(method, extractor, settings)
-            height, width = extractor.input_size
-            yield {
-                "method": name,
-                "base_method": base,
-                "backbone": backbone,
-                "reference": config.reference,
-                "weights": extractor.weights.describe(),
-                "pretrained": extractor.weights.pretrained,
-                "input": pre.describe(),
-                "model_input": f"{height}x{width}",
-                **profile,
-                **peak.read(),
-                "device": device,
-                "threads": torch.get_num_threads(),
-                "settings": cell.settings,
-            }
-            del method, extractor
+            try:
+                yield _profile_row(cell, env, settings, device)
+            except Exception as exc:  # one method that cannot run must not hide the others
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                yield {**_identity(cell), "error": reason}
+
+
+def _identity(cell: Cell) -> dict[str, Any]:
+    return {
+        "method": cell.method,
+        "base_method": cell.base,
+        "backbone": cell.backbone,
+        "reference": cell.reference,
+    }
+
+
+def _profile_row(
+    cell: Cell, env: Environment, settings: ProfileSettings, device: str
+) -> dict[str, Any]:
+    peak = PeakMemory(torch.device(device))
+    method, extractor, pre = build_method(cell, env)
+    method.init_untrained()
+    profile = profile_inference(method, extractor, settings)
+    height, width = extractor.input_size
+    return {
+        **_identity(cell),
+        "weights": extractor.weights.describe(),
+        "pretrained": extractor.weights.pretrained,
+        "input": pre.describe(),
+        "model_input": f"{height}x{width}",
+        **profile,
+        **peak.read(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "settings": cell.settings,
+    }
 
 
 def _cell(row: dict[str, Any], keys: tuple[str, ...], fmt: str) -> str:
@@ -97,8 +112,11 @@ def _cell(row: dict[str, Any], keys: tuple[str, ...], fmt: str) -> str:
 
 
 def caption(rows: list[dict[str, Any]], settings: ProfileSettings) -> str:
-    first = rows[0]
-    weights = ", ".join(sorted({row["weights"] for row in rows}))
+    done = [row for row in rows if "error" not in row]
+    if not done:
+        return "no method could be profiled"
+    first = done[0]
+    weights = ", ".join(sorted({row["weights"] for row in done}))
     return (
         f"device {first['device']}, {first['threads']} threads, {first['dtype']}; "
         f"reference {first['reference']}; weights {weights}. Latency at batch 1: median / "

@@ -278,3 +278,35 @@ def test_markdown_table_shows_scaled_figures_and_dashes_for_missing_ones() -> No
     text = to_markdown([row], QUICK)
     assert "| fastflow | resnet18 | 256x256 | 4.65 | 2.78 | 2.5 | – | 4.0 / 5.2 |" in text
     assert "batch 2: median of 1 calls" in text
+
+
+def test_bench_speed_reports_a_failing_method_and_profiles_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from bench.methods.fastflow import FastFlow
+
+    def broken(self) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FastFlow, "init_untrained", broken)
+    out = tmp_path / "speed.csv"
+    argv = ["speed", "--methods", "fastflow,padim", "--backbone", "resnet18", "--input-size"]
+    argv += [
+        "64",
+        "--repeats",
+        "2",
+        "--throughput-batch",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAILED fastflow / resnet18: boom" in captured.err
+    assert "profiled padim / resnet18" in captured.err
+    with out.open() as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert rows["fastflow"]["error"] == "boom" and rows["fastflow"]["latency_e2e_ms"] == ""
+    assert float(rows["padim"]["latency_e2e_ms"]) > 0
