@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.config import SHARED_SETTINGS, RunConfig, load_preset, parse_set
 from bench.errors import BenchError
@@ -28,20 +30,7 @@ def _seeds(text: str) -> list[int]:
         ) from exc
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--methods", type=_csv, help="comma-separated method names (default: every registered one)")
-    add("--dataset", help="dataset name (default: synthetic, the embedded one)")
-    add("--data-root", help="the dataset's folder in its original layout")
-    add("--categories", type=_csv, help="comma-separated categories, or 'all' (default)")
-    add("--backbone", "--backbones", dest="backbones", type=_csv, help="timm backbone names")
-    add("--seeds", type=_seeds, help="comma-separated seeds (default: 0)")
-    add("--reference", help="original (default) or anomalib: whose defaults a method follows")
-    add("--weights", help="auto (default) | imagenet | random | PATH to a checkpoint")
-    add("--input-size", type=int, help="input side in pixels (default: each method's reference)")
-    add("--epochs", type=int, help="training epochs for every method that trains")
-    add("--batch-size", type=int, help="training batch size for every method")
-    add("--lr", type=float, help="learning rate for every method that trains")
+def _add_set_argument(add: Callable[..., Any]) -> None:
     add(
         "--set",
         dest="set_items",
@@ -50,11 +39,34 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="METHOD.KEY=VALUE",
         help="override one method setting, e.g. fastflow.conv3x3_only=true (repeatable)",
     )
-    add("--out", help="run folder (default: results/<preset or dataset>)")
+
+
+def _add_grid_arguments(add: Callable[..., Any]) -> None:
+    """Options `bench run` and `bench paper` share: what data, how long, where it runs."""
+    add("--data-root", help="the dataset's folder in its original layout")
+    add("--categories", type=_csv, help="comma-separated categories, or 'all' (default)")
+    add("--seeds", type=_seeds, help="comma-separated seeds (default: 0)")
+    add("--input-size", type=int, help="input side in pixels (default: each method's reference)")
+    add("--epochs", type=int, help="training epochs for every method that trains")
+    add("--batch-size", type=int, help="training batch size for every method")
+    add("--lr", type=float, help="learning rate for every method that trains")
+    _add_set_argument(add)
     add("--device", help="auto (default), cpu, cuda or cuda:N")
     add("--workers", type=int, help="image-loading worker processes")
     add("--threads", type=int, help="torch CPU threads")
     add("--executor", help="local (default), or ray: one Ray task per cell (docs/ray.md)")
+    add("--force", action="store_true", help="recompute cells already in the run folder")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    _add_grid_arguments(add)
+    add("--methods", type=_csv, help="comma-separated method names (default: every registered one)")
+    add("--dataset", help="dataset name (default: synthetic, the embedded one)")
+    add("--backbone", "--backbones", dest="backbones", type=_csv, help="timm backbone names")
+    add("--reference", help="original (default) or anomalib: whose defaults a method follows")
+    add("--weights", help="auto (default) | imagenet | random | PATH to a checkpoint")
+    add("--out", help="run folder (default: results/<preset or dataset>)")
     add("--ray-address", help="Ray cluster to join, e.g. HEAD:6379 (default: start a local one)")
     add("--gpus-per-cell", type=float, help="GPUs per Ray task (default: 1 if the cluster has any)")
     add("--cpus-per-cell", type=float, help="CPUs per Ray task (default: 1)")
@@ -63,7 +75,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         help="a built-in preset name or a YAML file; the synthetic dataset defaults to 'quick'",
     )
-    add("--force", action="store_true", help="recompute cells already in the run folder")
     add("--profile-repeats", type=int, help="timed calls per latency figure (default 20)")
     add("--profile-warmup", type=int, help="untimed calls before each latency series (default 2)")
     add("--throughput-batch", type=int, help="images per call for throughput (default 32)")
@@ -107,21 +118,9 @@ def _add_paper_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run with weights other than ImageNet (tables then say they are not comparable)",
     )
-    add("--data-root", help="the dataset's folder in its original layout")
-    add("--categories", type=_csv, help="comma-separated categories (default: all)")
-    add("--seeds", type=_seeds, help="comma-separated seeds (default: 0)")
     add("--weights", help="imagenet (default) | PATH | random or auto with --allow-random-weights")
-    add("--input-size", type=int, help="input side in pixels (default: the reference's)")
-    add("--epochs", type=int, help="training epochs (default: the paper's)")
-    add("--batch-size", type=int, help="training batch size")
-    add("--lr", type=float, help="learning rate")
-    add("--set", dest="set_items", action="append", default=[], metavar="METHOD.KEY=VALUE")
     add("--out", help="run folder (default: results/paper-<table>)")
-    add("--device", help="auto (default), cpu, cuda or cuda:N")
-    add("--workers", type=int, help="image-loading worker processes")
-    add("--threads", type=int, help="torch CPU threads")
-    add("--executor", help="local (default)")
-    add("--force", action="store_true", help="recompute cells already in the run folder")
+    _add_grid_arguments(add)
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
@@ -311,14 +310,7 @@ def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     add("--repeats", type=int, default=20, help="timed calls per latency figure (default 20)")
     add("--warmup", type=int, default=2, help="untimed calls before each series (default 2)")
     add("--throughput-batch", type=int, default=32, help="images per throughput call (default 32)")
-    add(
-        "--set",
-        dest="set_items",
-        action="append",
-        default=[],
-        metavar="METHOD.KEY=VALUE",
-        help="override one method setting, as in bench run (repeatable)",
-    )
+    _add_set_argument(add)
     add("--out", help="also write the table: a .csv (every column) or .md file")
 
 

@@ -8,6 +8,7 @@ row is stored, so a remote worker never writes into the run folder.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,14 +87,18 @@ def collect(
     }
 
 
-def save(folder: Path, cell_key: str, examples: dict[str, np.ndarray] | None) -> None:
+def save(folder: Path, cell_keys: list[str], examples: dict[str, np.ndarray] | None) -> None:
+    """Compress once; every cell the computation answers for gets its own file."""
     if examples is None:
         return
     target = Path(folder) / FOLDER
     target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f"{cell_key}.tmp.npz"
-    np.savez_compressed(tmp, **examples)
-    tmp.replace(target / f"{cell_key}.npz")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **examples)
+    for key in cell_keys:
+        tmp = target / f"{key}.tmp.npz"
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(target / f"{key}.npz")
 
 
 def load(folder: Path, cell_key: str) -> dict[str, np.ndarray] | None:

@@ -154,9 +154,10 @@ def run_grid(
     twins = group_identical(todo)
 
     def on_result(cell: Cell, row: dict[str, Any]) -> None:
-        saved = row.pop(examples.EXAMPLES_KEY, None)
+        examples.save(
+            folder, [t.key for t in twins[cell.key]], row.pop(examples.EXAMPLES_KEY, None)
+        )
         for twin in twins[cell.key]:
-            examples.save(folder, twin.key, saved)
             store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
 
     def on_failure(cell: Cell, error: str) -> None:

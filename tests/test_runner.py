@@ -136,6 +136,8 @@ def test_identical_variant_runs_once_and_gets_its_own_row(data_root, tmp_path, m
     same, twin = rows["fastflow/resnet18/bottle/seed0"], rows["fastflow-3x3/resnet18/bottle/seed0"]
     assert twin["method"] == "fastflow-3x3" and twin["image_auroc"] == same["image_auroc"]
     assert twin["cell_key"] != same["cell_key"]
+    for row in (same, twin):  # each name gets its own saved maps for the gallery
+        assert (out / "examples" / f"{row['cell_key']}.npz").is_file()
     assert rows["fastflow-alt/resnet18/bottle/seed0"]["settings"]["conv3x3_only"] is False
 
 
