@@ -8,6 +8,7 @@ running statistics, as every reference does.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -214,6 +215,7 @@ class FeatureExtractor(nn.Module):
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._inference: tuple[tuple, nn.Module] | None = None
         with torch.no_grad():
             probe = self.forward(torch.zeros(1, 3, *self.input_size))
         self.channels = {k: v.shape[1] for k, v in probe.items()}
@@ -310,8 +312,23 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         self.model.eval()
         if self.spec.kind == "cnn":
-            return dict(zip(self.layers, self.model(images), strict=True))
+            maps = self._cnn_for_inference()(images.contiguous(memory_format=torch.channels_last))
+            return dict(zip(self.layers, maps, strict=True))
         return self._vit_forward(images)
+
+    def _cnn_for_inference(self) -> nn.Module:
+        """A copy of ``self.model`` with BatchNorm folded into the convolutions, in NHWC.
+
+        Both make oneDNN's convolutions faster (wide_resnet50_2 at 256 on 2 CPU cores:
+        0.107 s per image as loaded, 0.081 in NHWC, 0.075 folded) and change values by
+        about 1e-6. ``self.model`` keeps the loadable state dict; the copy is rebuilt when a
+        weight changes (load_state_dict, a move to another device).
+        """
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        key = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        if self._inference is None or self._inference[0] != key:
+            object.__setattr__(self, "_inference", (key, _fold_batchnorm(self.model)))
+        return self._inference[1]
 
     def _vit_forward(self, images: Tensor) -> dict[str, Tensor]:
         """Patch tokens after block K and the model's own final norm, as a 2D grid."""
@@ -333,3 +350,18 @@ class FeatureExtractor(nn.Module):
             if len(out) == len(wanted):
                 break
         return out
+
+
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with each Conv2d -> BatchNorm2d pair fused, in channels_last.
+
+    torch.fx must trace the model; one that does not trace is copied unfused.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(model)
+    except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; folding is optional
+        log.debug("BatchNorm folding skipped for %s: %s", type(model).__name__, exc)
+        folded = copy.deepcopy(model)
+    return folded.eval().to(memory_format=torch.channels_last)

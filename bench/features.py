@@ -22,6 +22,9 @@ from bench.extractor import FeatureExtractor
 
 # Above this many bytes the train features go to a memory-mapped file instead of RAM.
 DEFAULT_MEMORY_BUDGET = int(os.environ.get("FLOWAD_FEATURE_RAM_BYTES", 6 * 1024**3))
+# Images per backbone call on the CPU: smaller activations stay in cache (wide_resnet50_2 at
+# 256 on 2 cores: 0.075 s per image in batches of 24, 0.073 in 8, 0.083 in 2).
+CPU_MICRO_BATCH = 8
 
 
 class FeatureSource:
@@ -85,22 +88,28 @@ class CachedFeatures(FeatureSource):
         on_disk = per_image * 4 * n > memory_budget
         tensors: dict[str, Tensor] = {}
         for layer, c in extractor.channels.items():
-            shape = (n, c, *extractor.shapes[layer])
+            h, w = extractor.shapes[layer]
+            # Channels-last storage, as the extractor returns them: copying in is a plain
+            # copy, and fiber-wise methods read (B*H*W, C) rows as a view.
             if on_disk:
                 folder = Path(tempfile.mkdtemp(prefix="features-", dir=spill_dir))
                 array = np.lib.format.open_memmap(
-                    folder / f"{layer}.npy", mode="w+", dtype=np.float32, shape=shape
+                    folder / f"{layer}.npy", mode="w+", dtype=np.float32, shape=(n, h, w, c)
                 )
-                tensors[layer] = torch.from_numpy(array)
+                tensors[layer] = torch.from_numpy(array).permute(0, 3, 1, 2)
             else:
-                tensors[layer] = torch.empty(shape, dtype=torch.float32)
+                tensors[layer] = torch.empty(
+                    (n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last
+                )
         start = 0
+        micro = CPU_MICRO_BATCH if device.type == "cpu" else None
         for images in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not progress):
-            feats = extractor(images.to(device))
-            stop = start + images.shape[0]
-            for layer, value in feats.items():
-                tensors[layer][start:stop] = value.float().cpu()
-            start = stop
+            for part in images.split(micro or images.shape[0]):
+                feats = extractor(part.to(device))
+                stop = start + part.shape[0]
+                for layer, value in feats.items():
+                    tensors[layer][start:stop] = value.float().cpu()
+                start = stop
         return cls(tensors, device)
 
 

@@ -15,6 +15,7 @@ from bench.methods.cflow import (
     CFlow,
     CFlowModel,
     CFlowSettings,
+    FrozenDecoder,
     build_decoder,
     fiber_loss,
     learning_rate,
@@ -111,6 +112,67 @@ def test_gather_permutation_equals_one_hot_product() -> None:
         block.perm_index = None  # fall back to FrEIA's dense product
     z_dense, log_det_dense = decoder(x, [c])
     assert torch.equal(z, z_dense) and torch.equal(log_det, log_det_dense)
+
+
+def freia_twin(decoder):
+    """The same weights in FrEIA's own AllInOneBlocks with nn.Sequential subnets."""
+    from FrEIA.framework import SequenceINN
+    from FrEIA.modules import AllInOneBlock
+
+    first = decoder.module_list[0]
+    channels, cond = first.in_channels, first.subnet[0].in_features - first.splits[0]
+    twin = SequenceINN(channels)
+    for _ in decoder.module_list:
+        twin.append(
+            AllInOneBlock,
+            cond=0,
+            cond_shape=(cond,),
+            subnet_constructor=lambda i, o: torch.nn.Sequential(
+                torch.nn.Linear(i, 2 * i), torch.nn.ReLU(), torch.nn.Linear(2 * i, o)
+            ),
+            affine_clamping=first.clamp,
+            global_affine_type="SOFTPLUS",
+            permute_soft=False,
+        )
+    twin.load_state_dict(decoder.state_dict())
+    return twin.to(first.global_scale.dtype)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_coupling_blocks_train_as_freia_does(soft: bool) -> None:
+    """Our fiber path (oneDNN subnets, gathers) against FrEIA 0.2's forward, in float32:
+    outputs, log-determinants and every parameter's gradient."""
+    decoder = perturbed_decoder(16, 8, soft).float()
+    twin = freia_twin(decoder)
+    x, c = torch.randn(40, 16), torch.randn(40, 8)
+    grads = []
+    for model in (decoder, twin):
+        model.zero_grad()
+        z, log_det = model(x, [c])
+        fiber_loss(z, log_det, 16).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        if model is decoder:
+            ours = z.detach(), log_det.detach()
+    torch.testing.assert_close(ours[0], z.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], log_det.detach(), rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 3 * 6
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_frozen_decoder_scores_as_the_decoder_does(soft: bool) -> None:
+    decoder = perturbed_decoder(16, 8, soft).float()
+    x, c = torch.randn(50, 16), torch.randn(50, 8)
+    with torch.no_grad():
+        z, log_det = decoder(x, [c])
+    z_frozen, log_det_frozen = FrozenDecoder(decoder)(x, c)
+    # z comes without the last permutation, which leaves |z| and the likelihood unchanged
+    torch.testing.assert_close(z_frozen.pow(2).sum(1), z.pow(2).sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(log_det_frozen, log_det, rtol=1e-5, atol=1e-5)
+    last = decoder.module_list[-1]
+    if not soft:
+        torch.testing.assert_close(z_frozen[:, last.perm_index], z, rtol=1e-5, atol=1e-5)
 
 
 def test_positional_encoding_matches_formula() -> None:

@@ -36,6 +36,29 @@ def test_wide_resnet50_2_stages_for_cflow():
     assert ex.strides == {"layer2": 8, "layer3": 16, "layer4": 32}
 
 
+def test_folded_batchnorm_gives_the_loaded_models_features():
+    ex = FeatureExtractor("resnet18", ["layer1", "layer2", "layer3"], "random", input_size=(64, 64))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = ex.model(images)
+    features = ex(images)
+    for layer, value in zip(ex.layers, expected, strict=True):
+        torch.testing.assert_close(features[layer], value, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ex._cnn_for_inference().modules())
+
+
+def test_new_backbone_weights_reach_the_folded_copy():
+    ex = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
+    images = torch.randn(2, 3, 32, 32)
+    before = ex(images)["layer2"]
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in ex.model.state_dict().items()}
+    ex.model.load_state_dict(state)
+    after = ex(images)["layer2"]
+    with torch.no_grad():
+        torch.testing.assert_close(after, ex.model(images)[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
 def test_random_init_is_deterministic():
     a = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
     b = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
@@ -126,3 +149,20 @@ def test_unknown_backbone_lists_known():
 def test_missing_checkpoint_or_policy():
     with pytest.raises(BenchError, match="no such file"):
         FeatureExtractor("resnet18", ["layer1"], "imagenet-ish", input_size=(32, 32))
+
+
+def test_cached_features_keep_image_order_across_micro_batches(tmp_path):
+    from bench.features import CPU_MICRO_BATCH, CachedFeatures
+
+    ex = FeatureExtractor("resnet18", ["layer1", "layer3"], "random", input_size=(32, 32))
+    images = torch.randn(2 * CPU_MICRO_BATCH + 3, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(images, batch_size=len(images) - 1)
+    cpu = torch.device("cpu")
+    for budget in (10**12, 0):  # in memory, then memory-mapped on disk
+        cached = CachedFeatures.extract(
+            ex, loader, cpu, memory_budget=budget, spill_dir=tmp_path, progress=False
+        )
+        for layer, value in ex(images).items():
+            torch.testing.assert_close(cached.tensors[layer], value, rtol=1e-4, atol=1e-5)
+        (batch,) = cached.batches(len(images))
+        assert batch["layer3"].shape == (len(images), 256, *ex.shapes["layer3"])

@@ -1,0 +1,104 @@
+"""bench.kernels: the oneDNN paths compute what the plain PyTorch layers compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from bench.kernels import (
+    FrozenReluMlp,
+    ReluMlp,
+    constant_linear,
+    onednn_applies,
+    permute_columns,
+)
+
+needs_onednn = pytest.mark.skipif(
+    not onednn_applies(torch.zeros(1)), reason="this PyTorch build has no oneDNN linear op"
+)
+
+
+def plain_copy(mlp: ReluMlp) -> nn.Sequential:
+    """The same weights in PyTorch's own layers."""
+    (hidden, dims_in), (dims_out, _) = mlp[0].weight.shape, mlp[2].weight.shape
+    plain = nn.Sequential(nn.Linear(dims_in, hidden), nn.ReLU(), nn.Linear(hidden, dims_out))
+    plain.to(mlp[0].weight.dtype).load_state_dict(mlp.state_dict())
+    return plain
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_relu_mlp_matches_sequential_forward_and_backward(rows: int) -> None:
+    torch.manual_seed(0)
+    mlp = ReluMlp(24, 48, 16)
+    plain = plain_copy(mlp)
+    assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    x = torch.randn(rows, 24, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(rows, 16)
+    out, expected = mlp(x), plain(x_plain)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(mlp.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@needs_onednn
+def test_relu_mlp_trains_on_input_that_needs_no_gradient() -> None:
+    torch.manual_seed(0)
+    mlp = ReluMlp(6, 12, 4)
+    plain = plain_copy(mlp)
+    x = torch.randn(5, 6)
+    mlp(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for p, q in zip(mlp.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_mlp_float64_takes_the_plain_path() -> None:
+    torch.manual_seed(0)
+    mlp = ReluMlp(6, 12, 4).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.equal(mlp(x), plain_copy(mlp).double()(x))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, "per-output"])
+def test_frozen_mlp_folds_its_output_scale(scale) -> None:
+    torch.manual_seed(0)
+    mlp = ReluMlp(16, 32, 10)
+    factor = torch.linspace(0.1, 2.0, 10) if scale == "per-output" else torch.tensor(scale)
+    frozen = FrozenReluMlp(mlp, factor if scale == "per-output" else scale)
+    x = torch.randn(33, 16)
+    with torch.no_grad():
+        expected = plain_copy(mlp)(x) * factor
+    torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # a snapshot: later training does not reach it
+        mlp[2].weight.add_(1.0)
+    torch.testing.assert_close(frozen(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_permute_columns_is_exact_both_ways() -> None:
+    x = torch.randn(9, 7, requires_grad=True)
+    index = torch.randperm(7)
+    out = permute_columns(x, index, index.argsort())
+    assert torch.equal(out, x[:, index])
+    grad = torch.randn(9, 7)
+    out.backward(grad)
+    expected = torch.zeros(9, 7)
+    expected[:, index] = grad
+    assert torch.equal(x.grad, expected)
+
+
+def test_constant_linear_matches_f_linear() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(40, 12, requires_grad=True)
+    weight = torch.linalg.qr(torch.randn(12, 12))[0]
+    out = constant_linear(x, weight)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(40, 12)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad @ weight, rtol=1e-5, atol=1e-6)
