@@ -145,12 +145,15 @@ def _train_source(
             desc=f"train features {cell.category}",
             progress=env.progress,
         )
-    augmented = ImageSet(images.samples, images.pre, augment)
 
     def make_loader(batch_size, shuffle, generator, drop_last):
+        # Each pass augments from a seed drawn in this process, not from the workers'
+        # random streams, so results do not depend on --workers.
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        augmented = ImageSet(images.samples, images.pre, augment, seed)
         return _loader(augmented, batch_size, env.workers, shuffle, generator, drop_last)
 
-    return StreamedFeatures(extractor, make_loader, len(augmented), device)
+    return StreamedFeatures(extractor, make_loader, len(images), device)
 
 
 def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:

@@ -74,17 +74,24 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    """bench.kernels' oneDNN linear layers, counted as aten.linear would be."""
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
 _EXTRA_FLOP_RULES = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
 }
+if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    _EXTRA_FLOP_RULES[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flops
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call by PyTorch's FlopCounterMode (2 per multiply-add).
 
     It counts matrix products and convolutions only (biases, elementwise maths,
-    normalisation, interpolation and gathers count 0); attention on CPU is added here so
-    ViT backbones count the same on every device.
+    normalisation, interpolation and gathers count 0); attention on CPU and the oneDNN
+    linear layers of bench.kernels are added here so every device counts the same.
     """
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_RULES) as mode:
         fn()

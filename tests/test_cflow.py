@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -255,11 +256,28 @@ def test_reference_defaults_and_declarations() -> None:
     assert CFlow.preprocess("resnet18", "anomalib", a).resample == "bilinear"
     assert CFlow.train_augmentation(a, "anomalib") is None
     rotation = CFlow.train_augmentation(o, "original")
-    assert list(rotation.degrees) == [-5.0, 5.0] and rotation.fill == 0
-    assert rotation.interpolation.value == "nearest" and not rotation.expand
+    assert rotation.degrees == 5.0
     image = Image.new("RGB", (16, 16), (200, 100, 50))
-    rotated = rotation(image)
+    rotated = rotation(image, torch.Generator().manual_seed(0))
     assert rotated.size == image.size and rotated.mode == "RGB"
+
+
+def test_rotation_is_torchvisions_with_the_angle_from_the_generator() -> None:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import RandomRotation as TorchvisionRotation
+
+    rotation = CFlow.train_augmentation(CFlow.default_settings("resnet18", "original"), "x")
+    pixels = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(3))
+    image = Image.fromarray(pixels.numpy().astype("uint8"))
+    torch.manual_seed(7)
+    expected = TorchvisionRotation(5.0, InterpolationMode.NEAREST, expand=False, fill=0)(image)
+    torch.manual_seed(7)
+    same_stream = rotation(image, torch.default_generator)
+    assert np.array_equal(np.asarray(same_stream), np.asarray(expected))
+    angles = {
+        np.asarray(rotation(image, torch.Generator().manual_seed(s))).tobytes() for s in range(4)
+    }
+    assert len(angles) == 4
 
 
 @pytest.mark.parametrize("reference", ["original", "anomalib"])

@@ -438,3 +438,28 @@ def test_real_mvtec_bottle(shared_mvtec: Path) -> None:
     assert {m.shape for m in gt.native_masks} == {(900, 900)}
     assert all(gt.masks[i].any() for i in range(83) if test[i].label == 1)
     assert not gt.masks[gt.labels == 0].any()
+
+
+def _shift(image: Image.Image, generator: torch.Generator) -> Image.Image:
+    """A random augmentation that draws only from the generator it is given."""
+    step = int(torch.randint(1, 7, (1,), generator=generator))
+    return Image.fromarray(np.roll(np.asarray(image), step, axis=1))
+
+
+def test_augmentation_does_not_depend_on_the_number_of_workers() -> None:
+    from bench.datasets.base import Sample
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    samples = [Sample(p, 0, None, "good", f"good/{i}") for i, p in enumerate(pixels)]
+    pre = Preprocess((16, 16))
+
+    def images(seed: int, workers: int) -> torch.Tensor:
+        data = ImageSet(samples, pre, _shift, seed)
+        loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=workers)
+        return torch.cat(list(loader))
+
+    assert torch.equal(images(5, 0), images(5, 2))
+    assert not torch.equal(images(5, 0), images(6, 0))
+    assert not torch.equal(
+        images(5, 0), torch.cat(list(torch.utils.data.DataLoader(ImageSet(samples, pre), 3)))
+    )

@@ -102,3 +102,14 @@ def test_constant_linear_matches_f_linear() -> None:
     grad = torch.randn(40, 12)
     out.backward(grad)
     torch.testing.assert_close(x.grad, grad @ weight, rtol=1e-5, atol=1e-6)
+
+
+def test_flop_counts_do_not_depend_on_the_path() -> None:
+    from bench.profiling import count_flops
+
+    mlp = ReluMlp(10, 20, 6)
+    x = torch.randn(7, 10)
+    expected = 2 * 7 * (10 * 20 + 20 * 6)
+    assert count_flops(lambda: mlp(x)) == expected
+    assert count_flops(lambda: FrozenReluMlp(mlp)(x)) == expected
+    assert count_flops(lambda: mlp.double()(x.double())) == expected

@@ -24,7 +24,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 
-Augment = Callable[[Image.Image], Image.Image]
+# A random training transform; it draws only from the generator it is given, so a run's
+# images do not depend on how many DataLoader workers produced them.
+Augment = Callable[[Image.Image, torch.Generator], Image.Image]
 
 _RESAMPLE = {
     "bilinear": Image.BILINEAR,
@@ -150,14 +152,20 @@ def _native_crop(mask: np.ndarray, pre: Preprocess) -> np.ndarray:
     return mask[top:bottom, left:right]
 
 
-def to_tensor(img: Image.Image, pre: Preprocess, augment: Augment | None = None) -> Tensor:
-    """Resize, crop, optionally augment, and normalise one RGB image into (3, H, W)."""
+def to_tensor(
+    img: Image.Image,
+    pre: Preprocess,
+    augment: Augment | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Resize, crop, optionally augment (drawing from ``generator``), and normalise one RGB
+    image into (3, H, W)."""
     h, w = pre.size
     img = img.resize((w, h), _RESAMPLE[pre.resample])
     if pre.crop:
         img = img.crop(_centre_box(pre.size, pre.crop))
     if augment is not None:
-        img = augment(img)
+        img = augment(img, generator if generator is not None else torch.Generator())
     array = np.asarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -175,20 +183,32 @@ def mask_to_model(mask: np.ndarray, pre: Preprocess) -> np.ndarray:
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Samples -> normalised tensors (for DataLoader); masks are read separately."""
+    """Samples -> normalised tensors (for DataLoader); masks are read separately.
+
+    With ``augment``, image ``i`` is augmented from its own generator seeded by
+    ``(seed, i)``: draw a new ``seed`` per pass for fresh augmentations.
+    """
 
     def __init__(
-        self, samples: Sequence[Sample], pre: Preprocess, augment: Augment | None = None
+        self,
+        samples: Sequence[Sample],
+        pre: Preprocess,
+        augment: Augment | None = None,
+        seed: int = 0,
     ) -> None:
         self.samples = list(samples)
         self.pre = pre
         self.augment = augment
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Tensor:
-        return to_tensor(read_image(self.samples[index].image), self.pre, self.augment)
+        generator = None
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(hash((self.seed, index)) % 2**63)
+        return to_tensor(read_image(self.samples[index].image), self.pre, self.augment, generator)
 
 
 @dataclass

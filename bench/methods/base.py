@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from bench.datasets.base import Preprocess
+from bench.datasets.base import Augment, Preprocess
 from bench.errors import BenchError
 from bench.features import FeatureSource
 from bench.registry import METHODS
@@ -73,11 +72,10 @@ class Method(ABC):
         return "timm"
 
     @classmethod
-    def train_augmentation(
-        cls, settings: Any, reference: str
-    ) -> Callable[[Image.Image], Image.Image] | None:
+    def train_augmentation(cls, settings: Any, reference: str) -> Augment | None:
         """A random transform applied to each resized training image (before normalising),
-        or None. When set, the backbone runs on every pass instead of on cached features."""
+        or None. It must draw only from the generator it is called with. When set, the
+        backbone runs on every pass instead of on cached features."""
         return None
 
     # ---- estimator contract ---------------------------------------------------------

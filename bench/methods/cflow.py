@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
+from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -338,15 +339,23 @@ class _ConditionCache:
         return self._cache[key]
 
 
-def rotation_augmentation(degrees: float) -> nn.Module:
+@dataclass(frozen=True)
+class RandomRotation:
     """CF-REF's train augmentation, applied to the resized PIL image before normalising.
 
-    torchvision ``RandomRotation`` with an angle uniform in [-degrees, degrees], nearest
-    interpolation, no expansion, rotation about the centre and black (0) fill.
+    As torchvision's ``RandomRotation(degrees, NEAREST, expand=False, fill=0)``: an angle
+    uniform in [-degrees, degrees], rotation about the centre, black fill; but the angle
+    comes from the generator it is given instead of the global random stream.
     """
-    from torchvision.transforms import InterpolationMode, RandomRotation
 
-    return RandomRotation(degrees, interpolation=InterpolationMode.NEAREST, expand=False, fill=0)
+    degrees: float
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> Image.Image:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.functional import rotate
+
+        angle = float(torch.empty(1).uniform_(-self.degrees, self.degrees, generator=generator))
+        return rotate(image, angle, interpolation=InterpolationMode.NEAREST, expand=False, fill=0)
 
 
 @register_method("cflow")
@@ -423,10 +432,10 @@ class CFlow(Method):
         return "torchvision" if reference == "original" else "timm"
 
     @classmethod
-    def train_augmentation(cls, settings: CFlowSettings, reference: str) -> nn.Module | None:
+    def train_augmentation(cls, settings: CFlowSettings, reference: str) -> RandomRotation | None:
         """CF-REF rotates every resized training image by up to ``rotation_degrees``."""
         if settings.rotation_degrees > 0:
-            return rotation_augmentation(settings.rotation_degrees)
+            return RandomRotation(settings.rotation_degrees)
         return None
 
     # ---- estimator contract ---------------------------------------------------------
