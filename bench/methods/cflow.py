@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -248,6 +248,16 @@ class CFlowModel(nn.Module):
             self.decoders = nn.ModuleList(build_decoder(c, settings, generator) for c in channels)
 
 
+class _FrozenBlock(NamedTuple):
+    mlp: FrozenReluMlp  # output already multiplied by 0.2 (scale half) and 0.1 (shift half)
+    clamp: float
+    scale: Tensor  # (1, C) global affine scale, after its activation
+    offset: Tensor  # (1, C)
+    log_scale: Tensor  # sum of log scale: the global affine's log-determinant
+    order: tuple[Tensor, Tensor] | None  # a hard permutation, split at the coupling split
+    rotation: Tensor | None  # a soft one: a dense (C, C) matrix
+
+
 class FrozenDecoder:
     """A decoder's forward pass for scoring, in fewer passes over memory.
 
@@ -264,27 +274,26 @@ class FrozenDecoder:
     """
 
     def __init__(self, decoder: SequenceINN) -> None:
-        self.blocks = []
         first = decoder.module_list[0]
-        self.split = first.splits[0]
-        half = first.splits[1]
+        self.split, half = first.splits
+        # 0.1 on the shift half; 0.2 = 2 x 0.1 on the scale half, for the sigmoid form of tanh
         factors = torch.cat([torch.full((half,), 0.2), torch.full((half,), 0.1)])
-        for block in decoder.module_list:
-            scale = block.global_scale_activation(block.global_scale).detach().reshape(1, -1)
-            order = block.perm_index
-            self.blocks.append(
-                (
-                    FrozenReluMlp(block.subnet, factors.to(scale.device)),
-                    float(block.clamp),
-                    scale,
-                    block.global_offset.detach().reshape(1, -1),
-                    torch.sum(torch.log(scale)),
-                    None if order is None else (order[: self.split], order[self.split :]),
-                    None
-                    if order is not None
-                    else block.w_perm.detach().reshape(scale.shape[1], -1),
-                )
-            )
+        self.blocks = [self._freeze(block, factors) for block in decoder.module_list]
+
+    def _freeze(self, block: CouplingBlock, factors: Tensor) -> _FrozenBlock:
+        scale = block.global_scale_activation(block.global_scale).detach().reshape(1, -1)
+        order = block.perm_index
+        return _FrozenBlock(
+            mlp=FrozenReluMlp(block.subnet, factors.to(scale.device)),
+            clamp=float(block.clamp),
+            scale=scale,
+            offset=block.global_offset.detach().reshape(1, -1),
+            log_scale=torch.sum(torch.log(scale)),
+            order=None if order is None else (order[: self.split], order[self.split :]),
+            rotation=None
+            if order is not None
+            else block.w_perm.detach().reshape(scale.shape[1], -1),
+        )
 
     @torch.no_grad()
     def __call__(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
@@ -299,13 +308,12 @@ class FrozenDecoder:
         joined = torch.empty_like(x)
         log_det = None
         last = len(self.blocks) - 1
-        for index, (mlp, clamp, scale, offset, log_scale, order, rotation) in enumerate(
-            self.blocks
-        ):
-            a = mlp(x1c)
-            sub_jac = torch.sigmoid(a[:, :half]).mul_(2 * clamp).sub_(clamp)
-            jac = torch.sum(sub_jac, dim=1) + log_scale
+        for index, block in enumerate(self.blocks):
+            a = block.mlp(x1c)
+            sub_jac = torch.sigmoid(a[:, :half]).mul_(2 * block.clamp).sub_(block.clamp)
+            jac = torch.sum(sub_jac, dim=1) + block.log_scale
             log_det = jac if log_det is None else jac + log_det
+            scale, offset = block.scale, block.offset
             torch.addcmul(
                 offset[:, :split], x1c[:, :split], scale[:, :split], out=joined[:, :split]
             )
@@ -314,13 +322,14 @@ class FrozenDecoder:
             torch.addcmul(offset[:, split:], coupled, scale[:, split:], out=coupled)
             if index == last:
                 return joined, log_det
-            if rotation is not None:
-                mixed = constant_linear(joined, rotation)
+            if block.rotation is not None:
+                mixed = constant_linear(joined, block.rotation)
                 x1c[:, :split] = mixed[:, :split]
                 x2 = mixed[:, split:]
             else:
-                torch.gather(joined, 1, order[0].expand(rows, -1), out=x1c[:, :split])
-                x2 = joined.gather(1, order[1].expand(rows, -1))
+                first_half, second_half = block.order
+                torch.gather(joined, 1, first_half.expand(rows, -1), out=x1c[:, :split])
+                x2 = joined.gather(1, second_half.expand(rows, -1))
         raise BenchError("a decoder needs at least one coupling block")
 
 
