@@ -24,6 +24,7 @@ from huggingface_hub import try_to_load_from_cache
 from torch import Tensor, nn
 
 from bench.errors import BenchError
+from bench.kernels import weights_key
 from bench.registry import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -324,10 +325,9 @@ class FeatureExtractor(nn.Module):
         about 1e-6. ``self.model`` keeps the loadable state dict; the copy is rebuilt when a
         weight changes (load_state_dict, a move to another device).
         """
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        key = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        key = weights_key(self.model)
         if self._inference is None or self._inference[0] != key:
-            object.__setattr__(self, "_inference", (key, _fold_batchnorm(self.model)))
+            self._inference = (key, _fold_batchnorm(self.model))
         return self._inference[1]
 
     def _vit_forward(self, images: Tensor) -> dict[str, Tensor]:

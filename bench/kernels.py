@@ -41,6 +41,17 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool = False) 
     return _LINEAR(x, weight, bias, "relu" if relu else "none", [], "")
 
 
+def weights_key(module: nn.Module) -> tuple:
+    """Identifies the current weights of ``module``, to tell when a snapshot is stale.
+
+    It changes when a parameter or buffer is replaced, moved to another device or modified
+    in place by a tracked operation (``load_state_dict``, ``copy_``). Fused optimiser steps
+    do not move the version counters: code that steps one must drop its snapshots itself.
+    """
+    tensors = (*module.parameters(), *module.buffers())
+    return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+
+
 class _ReluMlp(torch.autograd.Function):
     """Linear -> ReLU -> Linear as one autograd node, all six products on oneDNN."""
 
@@ -84,14 +95,13 @@ class FrozenReluMlp:
 
     ``scale`` (a number, or one per output) is folded into the output layer, and on oneDNN
     the weights are packed into its blocked layout once (about 7% faster products,
-    bit-identical to unpacked). Packing all of CFLOW-AD's wide_resnet50_2 decoders takes
-    about 30 ms, so take a snapshot per block of inference work.
+    bit-identical to unpacked). Later changes to ``mlp`` do not reach it.
     """
 
     def __init__(self, mlp: ReluMlp, scale: float | Tensor = 1.0) -> None:
         first, _, second = mlp
         scale = torch.as_tensor(scale, dtype=second.weight.dtype, device=second.weight.device)
-        self.w1, self.b1 = first.weight.detach(), first.bias.detach()
+        self.w1, self.b1 = first.weight.detach().clone(), first.bias.detach().clone()
         self.w2 = second.weight.detach() * scale.reshape(-1, 1)
         self.b2 = second.bias.detach() * scale
         self.onednn = onednn_applies(self.w1)

@@ -19,3 +19,13 @@ def shared_mvtec() -> Path:
     if not (SHARED_MVTEC / "bottle_xs").is_dir():
         pytest.skip("../shared/data/mvtec is absent")
     return SHARED_MVTEC
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors and timed calls on one thread: on a busy machine a second OpenMP thread
+    only adds spin-waits at every barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

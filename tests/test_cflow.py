@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.errors import BenchError
 from bench.features import CachedFeatures
 from bench.methods.base import MethodContext
 from bench.methods.cflow import (
@@ -28,13 +29,7 @@ CHANNELS = {"layer2": 8, "layer3": 12, "layer4": 16}
 SHAPES = {"layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_settings(reference: str, **changes) -> CFlowSettings:
@@ -174,6 +169,21 @@ def test_frozen_decoder_scores_as_the_decoder_does(soft: bool) -> None:
     last = decoder.module_list[-1]
     if not soft:
         torch.testing.assert_close(z_frozen[:, last.perm_index], z, rtol=1e-5, atol=1e-5)
+
+
+def test_scoring_snapshot_follows_every_weight_change() -> None:
+    settings = tiny_settings("anomalib")
+    method = CFlow(settings, context("anomalib"))
+    batch = next(random_features(4, seed=2).batches(4))
+    untrained = method.predict_batch(batch)[1]
+    method.fit(random_features(8))  # fused Adam: version counters do not move
+    trained = method.predict_batch(batch)[1]
+    assert not torch.allclose(untrained, trained)
+    fresh = CFlow(settings, context("anomalib"))
+    fresh.load_state_dict(method.state_dict())  # in-place copies into existing tensors
+    torch.testing.assert_close(fresh.predict_batch(batch)[1], trained, rtol=0, atol=0)
+    fresh.load_state_dict(CFlow(settings, context("anomalib", seed=5)).state_dict())
+    assert not torch.allclose(fresh.predict_batch(batch)[1], trained)
 
 
 def test_positional_encoding_matches_formula() -> None:
@@ -341,3 +351,9 @@ def test_eval_chunk_only_bounds_memory() -> None:
     chunked = method.predict_batch(batch)[1]
     method.settings = dataclasses.replace(method.settings, eval_chunk=0)
     torch.testing.assert_close(method.predict_batch(batch)[1], chunked, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fiber_batch", "batch_size", "sub_epochs", "coupling_blocks"])
+def test_counts_must_be_positive(name: str) -> None:
+    with pytest.raises(BenchError, match=rf"cflow\.{name} must be positive, got 0"):
+        CFlow(tiny_settings("anomalib", **{name: 0}), context("anomalib"))

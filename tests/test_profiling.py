@@ -62,13 +62,7 @@ AGREED = (
 QUICK = ProfileSettings(repeats=3, warmup=1, throughput_batch=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny timed calls on one thread: two threads stall at every barrier on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _built(method: str, size: int = 64, **settings: str):

@@ -165,7 +165,9 @@ def to_tensor(
     if pre.crop:
         img = img.crop(_centre_box(pre.size, pre.crop))
     if augment is not None:
-        img = augment(img, generator if generator is not None else torch.Generator())
+        if generator is None:
+            raise ValueError("to_tensor: an augmentation needs the generator it draws from")
+        img = augment(img, generator)
     array = np.asarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

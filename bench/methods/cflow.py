@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from bench.datasets.base import Preprocess
 from bench.errors import BenchError
 from bench.features import FeatureSource
-from bench.kernels import FrozenReluMlp, ReluMlp, constant_linear, permute_columns
+from bench.kernels import FrozenReluMlp, ReluMlp, constant_linear, permute_columns, weights_key
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
 
 POOL_LAYERS = ("layer2", "layer3", "layer4")
@@ -185,10 +185,11 @@ class CouplingBlock(AllInOneBlock):
         The same operations in the same order; only 2D (fiber) input in the forward
         direction takes this path.
         """
+        conditions = c or []
         if rev or x[0].dim() != 2 or self.householder or self.GIN or self.reverse_pre_permute:
-            return super().forward(x, c or [], rev, jac)
+            return super().forward(x, conditions, rev, jac)
         x1, x2 = torch.split(x[0], self.splits, dim=1)
-        a = self.subnet(torch.cat([x1, *(c or [])], 1)) * 0.1
+        a = self.subnet(torch.cat([x1, *conditions], 1)) * 0.1
         half = x2.shape[1]
         sub_jac = self.clamp * torch.tanh(a[:, :half])
         x2 = x2 * torch.exp(sub_jac) + a[:, half:]
@@ -269,8 +270,7 @@ class FrozenDecoder:
       times slower than its sigmoid;
     - each permutation gathers straight into the next block's inputs, and the last one is
       skipped: it does not change |z|.
-    Values agree with ``CouplingBlock.forward`` to about 1e-6. It snapshots the weights:
-    build one per scoring call.
+    Values agree with ``CouplingBlock.forward`` to about 1e-6. It snapshots the weights.
     """
 
     def __init__(self, decoder: SequenceINN) -> None:
@@ -287,41 +287,27 @@ class FrozenDecoder:
             mlp=FrozenReluMlp(block.subnet, factors.to(scale.device)),
             clamp=float(block.clamp),
             scale=scale,
-            offset=block.global_offset.detach().reshape(1, -1),
+            offset=block.global_offset.detach().reshape(1, -1).clone(),
             log_scale=torch.sum(torch.log(scale)),
             order=None if order is None else (order[: self.split], order[self.split :]),
             rotation=None
             if order is not None
-            else block.w_perm.detach().reshape(scale.shape[1], -1),
+            else block.w_perm.detach().reshape(scale.shape[1], -1).clone(),
         )
 
     @torch.no_grad()
     def __call__(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         """(z, log|det J|) for fibers ``x`` (N, C) at positions encoded by ``cond`` (N, P);
         z comes without the last block's channel permutation."""
-        rows, channels = x.shape
-        split, half = self.split, channels - self.split
+        rows, split = x.shape[0], self.split
         x1c = torch.empty(rows, split + cond.shape[1], dtype=x.dtype, device=x.device)
         x1c[:, split:] = cond
         x1c[:, :split] = x[:, :split]
         x2 = x[:, split:]
         joined = torch.empty_like(x)
-        log_det = None
-        last = len(self.blocks) - 1
-        for index, block in enumerate(self.blocks):
-            a = block.mlp(x1c)
-            sub_jac = torch.sigmoid(a[:, :half]).mul_(2 * block.clamp).sub_(block.clamp)
-            jac = torch.sum(sub_jac, dim=1) + block.log_scale
-            log_det = jac if log_det is None else jac + log_det
-            scale, offset = block.scale, block.offset
-            torch.addcmul(
-                offset[:, :split], x1c[:, :split], scale[:, :split], out=joined[:, :split]
-            )
-            coupled = joined[:, split:]
-            torch.addcmul(a[:, half:], x2, sub_jac.exp_(), out=coupled)
-            torch.addcmul(offset[:, split:], coupled, scale[:, split:], out=coupled)
-            if index == last:
-                return joined, log_det
+        log_det = torch.zeros(rows, dtype=x.dtype, device=x.device)
+        for block in self.blocks[:-1]:
+            log_det = self._couple(block, x1c, x2, joined, log_det)
             if block.rotation is not None:
                 mixed = constant_linear(joined, block.rotation)
                 x1c[:, :split] = mixed[:, :split]
@@ -330,7 +316,23 @@ class FrozenDecoder:
                 first_half, second_half = block.order
                 torch.gather(joined, 1, first_half.expand(rows, -1), out=x1c[:, :split])
                 x2 = joined.gather(1, second_half.expand(rows, -1))
-        raise BenchError("a decoder needs at least one coupling block")
+        return joined, self._couple(self.blocks[-1], x1c, x2, joined, log_det)
+
+    def _couple(
+        self, block: _FrozenBlock, x1c: Tensor, x2: Tensor, joined: Tensor, log_det: Tensor
+    ) -> Tensor:
+        """Writes the block's output before its permutation into ``joined``; returns the
+        log-determinant so far."""
+        split, half = self.split, x2.shape[1]
+        a = block.mlp(x1c)
+        sub_jac = torch.sigmoid(a[:, :half]).mul_(2 * block.clamp).sub_(block.clamp)
+        jac = torch.sum(sub_jac, dim=1) + block.log_scale
+        scale, offset = block.scale, block.offset
+        torch.addcmul(offset[:, :split], x1c[:, :split], scale[:, :split], out=joined[:, :split])
+        coupled = joined[:, split:]
+        torch.addcmul(a[:, half:], x2, sub_jac.exp_(), out=coupled)
+        torch.addcmul(offset[:, split:], coupled, scale[:, split:], out=coupled)
+        return jac + log_det
 
 
 class _ConditionCache:
@@ -401,6 +403,7 @@ class CFlow(Method):
         channels = [context.channels[layer] for layer in self.layers]
         self._model = CFlowModel(channels, settings, context.seed).to(self.device)
         self._conditions = _ConditionCache(settings.condition_vector)
+        self._frozen: tuple[tuple, list[FrozenDecoder]] | None = None
         self.history: list[float] = []
 
     # ---- what the runner asks before building anything -------------------------------
@@ -464,6 +467,7 @@ class CFlow(Method):
                 "lower cflow.batch_size or set cflow.drop_last=false"
             )
         steps_per_epoch = batches * s.sub_epochs
+        self._frozen = None  # fused Adam steps leave the version counters unchanged
         self._model.train()
         for epoch in range(s.epochs):
             total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -533,8 +537,7 @@ class CFlow(Method):
         self._model.eval()
         out: dict[str, Tensor] = {}
         chunk = self.settings.eval_chunk or self.settings.fiber_batch
-        for decoder, layer in zip(self._model.decoders, self.layers, strict=True):
-            frozen = FrozenDecoder(decoder)
+        for frozen, layer in zip(self._frozen_decoders(), self.layers, strict=True):
             x = features[layer].to(self.device, torch.float32)
             b, c, h, w = x.shape
             count = b * h * w
@@ -547,6 +550,14 @@ class CFlow(Method):
                 values[start:stop] = log_likelihood(z, log_det, c) / c
             out[layer] = values.reshape(b, h, w)
         return out
+
+    def _frozen_decoders(self) -> list[FrozenDecoder]:
+        """Scoring snapshots of the decoders, kept while the weights stay as they are
+        (packing wide_resnet50_2's decoders takes about 30 ms, too much per call)."""
+        key = weights_key(self._model)
+        if self._frozen is None or self._frozen[0] != key:
+            self._frozen = (key, [FrozenDecoder(d) for d in self._model.decoders])
+        return self._frozen[1]
 
     def _score(self, likelihoods: dict[str, Tensor], maxima: dict[str, Tensor]) -> Tensor:
         """Sum over layers of exp(l - max l), bilinearly upsampled (align_corners=True)."""
@@ -610,8 +621,9 @@ def _validate(settings: CFlowSettings) -> None:
     for name, (value, allowed) in checks.items():
         if value not in allowed:
             raise BenchError(f"cflow.{name}={value}: expected one of {', '.join(allowed)}")
-    if settings.fiber_batch < 1 or settings.batch_size < 1 or settings.sub_epochs < 1:
-        raise BenchError("cflow.fiber_batch, batch_size and sub_epochs must be positive")
+    for name in ("fiber_batch", "batch_size", "sub_epochs", "coupling_blocks"):
+        if getattr(settings, name) < 1:
+            raise BenchError(f"cflow.{name} must be positive, got {getattr(settings, name)}")
     if settings.eval_chunk < 0:
         raise BenchError(
             f"cflow.eval_chunk must be >= 0 (0 = fiber_batch), got {settings.eval_chunk}"
