@@ -103,6 +103,11 @@ _register(
 )
 
 
+def registered_backbones() -> list[BackboneSpec]:
+    """Built-in and plugin backbones, by name."""
+    return [BACKBONES.get(name) for name in BACKBONES.names()]
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     """Registered backbones first; any other timm CNN by name is accepted as a plain CNN."""
     if name in BACKBONES:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from bench.datasets.base import GroundTruth
+from bench.datasets.pipeline import GroundTruth
 
 METRIC_LABELS: dict[str, str] = {
     "image_auroc": "image AUROC",

@@ -95,7 +95,6 @@ def load_plugins() -> None:
 
 
 def _import_plugins() -> None:
-    importlib.import_module("bench.extractor")
     for package_name in _BUILTIN_PACKAGES:
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):

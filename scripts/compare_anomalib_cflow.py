@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from sklearn.metrics import roc_auc_score
 
-from bench.datasets.base import ImageSet, list_images, load_ground_truth
+from bench.datasets.base import list_images
+from bench.datasets.pipeline import ImageSet, load_ground_truth
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
 from bench.methods.base import MethodContext

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from bench.datasets.base import ImageSet, list_images
+from bench.datasets.base import list_images
+from bench.datasets.pipeline import ImageSet
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
 from bench.methods.base import MethodContext

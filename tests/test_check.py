@@ -11,15 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from bench.check import (
-    Baseline,
-    baseline_cells,
-    compare,
-    deterministic,
-    format_result,
-    load_baseline,
-    save_baseline,
-)
+from bench.check.baseline import Baseline, baseline_cells, load_baseline, save_baseline
+from bench.check.gate import check_rows, deterministic, format_result
 from bench.cli import main
 from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
@@ -54,7 +47,7 @@ ROWS = [_row(m, c) for m in ("fastflow", "padim") for c in ("brick", "washer")]
 def test_identical_rows_in_another_order_pass() -> None:
     shuffled = list(reversed(copy.deepcopy(ROWS)))
     shuffled[0]["settings"] = dict(reversed(list(shuffled[0]["settings"].items())))
-    result = compare(_baseline(ROWS), shuffled)
+    result = check_rows(_baseline(ROWS), shuffled)
     assert result.passed
     assert len(result.comparisons) == 16
     assert "PASS: 16 metrics of 4 cells" in format_result(result, Path("b.json"))
@@ -64,7 +57,7 @@ def test_a_drop_beyond_the_tolerance_fails_with_a_table() -> None:
     now = copy.deepcopy(ROWS)
     now[1]["aupro"] = 0.7  # fastflow/washer
     now[2]["image_auroc"] = 0.89  # within 0.02
-    result = compare(_baseline(ROWS), now)
+    result = check_rows(_baseline(ROWS), now)
     assert not result.passed
     [bad] = result.of("regression")
     assert (bad.cell, bad.metric) == ("fastflow/synthetic/washer/resnet18/seed0", "aupro")
@@ -77,7 +70,7 @@ def test_a_drop_beyond_the_tolerance_fails_with_a_table() -> None:
 def test_an_improvement_is_reported_and_passes() -> None:
     now = copy.deepcopy(ROWS)
     now[0]["pixel_auroc"] = 0.99
-    result = compare(_baseline(ROWS), now)
+    result = check_rows(_baseline(ROWS), now)
     assert result.passed
     assert [c.metric for c in result.of("improvement")] == ["pixel_auroc"]
     assert "--update" in format_result(result, Path("b.json"))
@@ -88,14 +81,14 @@ def test_per_metric_tolerance_default_and_override() -> None:
     now[0]["image_auroc"] = 0.86  # -0.04
     now[0]["aupro"] = 0.77  # -0.03
     loose_image = _baseline(ROWS, default=0.02, image_auroc=0.05)
-    assert [c.metric for c in compare(loose_image, now).of("regression")] == ["aupro"]
-    assert compare(loose_image, now, tolerance=0.05).passed
-    assert len(compare(loose_image, now, tolerance=0.0).of("regression")) == 2
+    assert [c.metric for c in check_rows(loose_image, now).of("regression")] == ["aupro"]
+    assert check_rows(loose_image, now, tolerance=0.05).passed
+    assert len(check_rows(loose_image, now, tolerance=0.0).of("regression")) == 2
 
 
 def test_missing_cells_on_either_side_fail() -> None:
     extra = [*ROWS[:3], _row("cflow", "brick")]
-    result = compare(_baseline(ROWS), extra)
+    result = check_rows(_baseline(ROWS), extra)
     assert not result.passed
     assert result.missing_in_run == [
         "padim/synthetic/washer/resnet18/seed0: in the baseline, not in the run"
@@ -103,13 +96,13 @@ def test_missing_cells_on_either_side_fail() -> None:
     assert result.missing_in_baseline == [
         "cflow/synthetic/brick/resnet18/seed0: in the run, not in the baseline"
     ]
-    assert not compare(_baseline(ROWS), []).passed
+    assert not check_rows(_baseline(ROWS), []).passed
 
 
 def test_a_changed_setting_is_named() -> None:
     now = copy.deepcopy(ROWS)
     now[0]["settings"]["epochs"] = 2
-    result = compare(_baseline(ROWS), now)
+    result = check_rows(_baseline(ROWS), now)
     assert result.changed == [
         "fastflow/synthetic/brick/resnet18/seed0: settings changed (baseline -> run: epochs 1 -> 2)"
     ]
@@ -118,8 +111,8 @@ def test_a_changed_setting_is_named() -> None:
 
 def test_a_metric_absent_on_one_side_fails() -> None:
     base = [_row("padim", "brick", pixel_auroc=None)]
-    assert compare(_baseline(base), [_row("padim", "brick", pixel_auroc=None)]).passed
-    result = compare(_baseline(base), [_row("padim", "brick")])
+    assert check_rows(_baseline(base), [_row("padim", "brick", pixel_auroc=None)]).passed
+    result = check_rows(_baseline(base), [_row("padim", "brick")])
     assert [c.status for c in result.comparisons if c.metric == "pixel_auroc"] == ["absent"]
     assert not result.passed
 
@@ -129,7 +122,7 @@ def test_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     save_baseline(path, _baseline(ROWS, default=0.01, aupro=0.03))
     loaded = load_baseline(path)
     assert loaded.tolerance("aupro") == 0.03 and loaded.tolerance("pixel_auroc") == 0.01
-    assert compare(loaded, ROWS).passed
+    assert check_rows(loaded, ROWS).passed
     data = json.loads(path.read_text())
     for change, message in (
         ({"format": "x"}, "not a baseline file"),

@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.datasets.base import (
+from bench.datasets.base import Dataset
+from bench.datasets.btad import BTAD
+from bench.datasets.cifar10 import CIFAR10, CIFAR10_CLASSES
+from bench.datasets.mvtec import MVTec
+from bench.datasets.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    Dataset,
     ImageSet,
     Preprocess,
     load_ground_truth,
 )
-from bench.datasets.btad import BTAD
-from bench.datasets.cifar10 import CIFAR10, CIFAR10_CLASSES
-from bench.datasets.mvtec import MVTec
 from bench.errors import BenchError
 
 

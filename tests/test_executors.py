@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from bench.cli import main
-from bench.config import RunConfig
 from bench.errors import BenchError
-from bench.ray_executor import RayExecutor, check_reachable, describe_ray_failure
+from bench.runner.config import RunConfig
+from bench.runner.ray_executor import RayExecutor, check_reachable, describe_ray_failure
 
 
 def test_ray_executor_without_ray_says_how_to_install(tmp_path, monkeypatch, capsys):

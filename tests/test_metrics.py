@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from bench import metrics
-from bench.datasets.base import GroundTruth
+from bench.datasets.pipeline import GroundTruth
 from bench.metrics import (
     METRIC_LABELS,
     aupro,

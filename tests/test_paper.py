@@ -9,12 +9,14 @@ from typing import Any
 import pytest
 
 from bench.cli import main
-from bench.comparison import compare, render_markdown
-from bench.config import Cell, expand_cells
 from bench.errors import BenchError
-from bench.published import STATUSES, grid_configs, load_table, table_names
+from bench.paper.filled import fill_table, render_markdown
+from bench.paper.grids import grid_configs
+from bench.paper.published import STATUSES, load_table, table_names
 from bench.registry import DATASETS
-from bench.store import ResultStore
+from bench.runner.cell import Cell
+from bench.runner.grid import expand_cells
+from bench.runner.store import ResultStore
 
 ISSUE_TABLES = {
     "fastflow-backbones",
@@ -125,11 +127,11 @@ def test_every_table_renders_from_a_run_folder(
 
 def test_cells_show_published_ours_and_delta(tmp_path: Path) -> None:
     rows = [_row(c) for c in _grid_cells("fastflow-mvtec")]
-    text = render_markdown(compare(load_table("fastflow-mvtec"), rows))
+    text = render_markdown(fill_table(load_table("fastflow-mvtec"), rows))
     assert "| carpet | 100.0† / 90.0 / -10.0 | 99.4 / 95.0 / -4.4 |" in text
     assert "| **mean** | 99.4 / 90.0 / -9.4 | 98.5 / 95.0 / -3.5 |" in text
     btad = render_markdown(
-        compare(load_table("fastflow-btad"), [_row(c) for c in _grid_cells("fastflow-btad")])
+        fill_table(load_table("fastflow-btad"), [_row(c) for c in _grid_cells("fastflow-btad")])
     )
     assert "| 01 | – / 95.0 / – |" in btad  # the paper's number was not found: never invented
 
@@ -138,7 +140,7 @@ def test_missing_runs_and_partial_means(tmp_path: Path) -> None:
     rows = [
         _row(c) for c in _grid_cells("padim-mvtec", ["carpet", "bottle"], backbones=["resnet18"])
     ]
-    text = render_markdown(compare(load_table("padim-mvtec"), rows))
+    text = render_markdown(fill_table(load_table("padim-mvtec"), rows))
     # WR50 was not run: published only; R18 ran on two of fifteen categories.
     assert (
         "| carpet | – / – / – | 99.1 / – / – | 96.2 / – / – | – / 90.0 / – | – / 95.0 / – |" in text
@@ -157,7 +159,7 @@ def test_missing_runs_and_partial_means(tmp_path: Path) -> None:
 def test_cost_columns_average_what_ran_and_missing_costs_stay_missing() -> None:
     cells = _grid_cells("cflow-complexity")
     rows = [_row(c, latency_e2e_ms=None if c.method == "cflow" else 200.0) for c in cells]
-    text = render_markdown(compare(load_table("cflow-complexity"), rows))
+    text = render_markdown(fill_table(load_table("cflow-complexity"), rows))
     assert "| CFLOW-AD (encoder not stated) | 27† / – / – | – / – / – |" in text
     assert (
         "| PaDiM-R18-Rd100 | – / 5.0 / – | 230† / 200.0 / -30.0 | – / 5.00 / – | – / 2.00 / – |"
@@ -168,7 +170,7 @@ def test_cost_columns_average_what_ran_and_missing_costs_stay_missing() -> None:
 
 def test_random_weights_are_called_not_comparable(tmp_path: Path) -> None:
     rows = [_row(c, pretrained=False) for c in _grid_cells("fastflow-backbones", ["bottle"])]
-    text = render_markdown(compare(load_table("fastflow-backbones"), rows))
+    text = render_markdown(fill_table(load_table("fastflow-backbones"), rows))
     assert (
         "**Not comparable with the paper: the backbone weights were not ImageNet (random(seed=0)).**"
         in text
@@ -185,7 +187,7 @@ def test_ablation_rows_follow_the_kernel_setting() -> None:
         _row(c, trainable_params=2_600_000 if not c.settings["conv3x3_only"] else 4_700_000)
         for c in cells
     ]
-    text = render_markdown(compare(load_table("fastflow-ablation"), rows))
+    text = render_markdown(fill_table(load_table("fastflow-ablation"), rows))
     assert "| ResNet18 alternating | – / 90.0 / – | – / 95.0 / – | 2.7† / 2.60 / -0.10 |" in text
     assert "| ResNet18 3x3 only | – / 90.0 / – | – / 95.0 / – | 4.9 / 4.70 / -0.20 |" in text
 
@@ -197,7 +199,7 @@ def test_two_configurations_of_one_cell_are_refused() -> None:
         _row(dataclasses.replace(cells[0], settings={**cells[0].settings, "epochs": 1})),
     ]
     with pytest.raises(BenchError, match="2 results for carpet seed 0 .*differ in .*settings"):
-        compare(load_table("fastflow-mvtec"), rows)
+        fill_table(load_table("fastflow-mvtec"), rows)
 
 
 def test_references_are_never_mixed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

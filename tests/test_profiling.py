@@ -17,8 +17,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from bench import cli, profiling
-from bench.cell import Environment, build_method, run_cell
-from bench.config import Cell, RunConfig, resolve_settings
 from bench.datasets.base import Dataset, Sample
 from bench.profiling import (
     PeakMemory,
@@ -29,7 +27,10 @@ from bench.profiling import (
     train_seconds_per_epoch,
 )
 from bench.registry import DATASETS
-from bench.speed import to_markdown
+from bench.report.speed_table import to_markdown
+from bench.runner.cell import Cell, Environment, build_method, run_cell
+from bench.runner.config import RunConfig
+from bench.runner.grid import resolve_settings
 
 TIMED = (
     "latency_head_ms",

@@ -11,7 +11,7 @@ import torch
 
 from bench.cli import main
 from bench.registry import METHODS
-from bench.store import ResultStore
+from bench.runner.store import ResultStore
 
 ray = pytest.importorskip("ray")
 

@@ -8,9 +8,10 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from bench import registry
-from bench.config import RunConfig, expand_cells, load_preset, parse_set
 from bench.errors import BenchError
 from bench.registry import DATASETS, METHODS, Registry
+from bench.runner.config import RunConfig, load_preset, parse_set
+from bench.runner.grid import expand_cells
 
 
 def test_unknown_name_lists_known():
@@ -125,10 +126,12 @@ def test_config_validation():
 
 
 def test_preset_method_settings_are_defaults_for_methods_in_the_run():
-    from bench.cli import build_config, make_parser
+    from bench.cli import make_parser
+    from bench.runner.options import RUN, build_config, given
 
     def config(*argv: str) -> RunConfig:
-        return build_config(make_parser().parse_args(["run", *argv]))
+        args = vars(make_parser().parse_args(["run", *argv]))
+        return build_config({o.dest: args[o.dest] for o in given(args, RUN)})
 
     assert config().set == {"cflow": {"epochs": 1}}  # the quick preset
     assert config("--methods", "padim").set == {}  # no error about cflow not being in the run

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import examples
 from bench.cli import main
-from bench.datasets.base import Preprocess, Sample
-from bench.figures import write_figures
-from bench.run_report import write_report
+from bench.datasets.base import Sample
+from bench.datasets.pipeline import Preprocess
+from bench.report.figures import write_figures
+from bench.report.markdown import write_report
+from bench.runner import examples
 
 
 def _sample(name: str, label: int, image: np.ndarray) -> Sample:

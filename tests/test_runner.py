@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from test_datasets import make_mvtec
 
-import bench.cell
+import bench.runner.cell
 from bench.cli import main
-from bench.store import STORE_NAME
+from bench.runner.store import STORE_NAME
 
 
 @pytest.fixture
@@ -57,13 +57,13 @@ def _stored(out: Path) -> list[tuple[str, str, dict | None]]:
 
 def _count_cells(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
-    real = bench.cell.run_cell
+    real = bench.runner.cell.run_cell
 
     def counting(cell, env):
         seen.append(cell.label())
         return real(cell, env)
 
-    monkeypatch.setattr("bench.executors.run_cell", counting)
+    monkeypatch.setattr("bench.runner.executors.run_cell", counting)
     return seen
 
 
@@ -96,14 +96,14 @@ def test_run_writes_rows_tables_and_resumes(data_root, tmp_path, monkeypatch, ca
 
 
 def test_failing_cell_is_recorded_and_the_run_goes_on(data_root, tmp_path, monkeypatch, capsys):
-    real = bench.cell.run_cell
+    real = bench.runner.cell.run_cell
 
     def flaky(cell, env):
         if cell.category == "bottle":
             raise RuntimeError("disk on fire")
         return real(cell, env)
 
-    monkeypatch.setattr("bench.executors.run_cell", flaky)
+    monkeypatch.setattr("bench.runner.executors.run_cell", flaky)
     out = tmp_path / "run"
     assert _run(data_root, out) == 1
     stored = {label: (status, row) for status, label, row in _stored(out)}
@@ -115,7 +115,7 @@ def test_failing_cell_is_recorded_and_the_run_goes_on(data_root, tmp_path, monke
         (error,) = db.execute("SELECT error FROM cells WHERE status = 'failed'").fetchone()
     assert "RuntimeError: disk on fire" in error
 
-    monkeypatch.setattr("bench.executors.run_cell", real)
+    monkeypatch.setattr("bench.runner.executors.run_cell", real)
     assert _run(data_root, out) == 0  # the failed cell is retried, the finished one kept
     assert {status for status, _, _ in _stored(out)} == {"done"}
 

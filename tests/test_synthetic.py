@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bench.datasets import synthetic
-from bench.datasets.base import Preprocess, load_ground_truth
+from bench.datasets.pipeline import Preprocess, load_ground_truth
 from bench.datasets.synthetic import (
     CATEGORIES,
     FOLDER_NAME,

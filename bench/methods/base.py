@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bench.datasets.base import Augment, Preprocess
+from bench.datasets.pipeline import Augment, Preprocess
 from bench.errors import BenchError
 from bench.features import FeatureSource
 from bench.registry import METHODS
@@ -112,10 +112,6 @@ class Method(ABC):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state)
-
-
-def settings_dict(settings: Any) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
 
 
 def apply_overrides(settings: Any, overrides: dict[str, Any], method: str) -> Any:

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench.datasets.base import Preprocess
+from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.features import FeatureSource
 from bench.kernels import FrozenReluMlp, ReluMlp, constant_linear, permute_columns, weights_key

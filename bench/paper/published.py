@@ -1,4 +1,5 @@
-"""Published numbers and the grids that reproduce them, read from ``bench/paper/``.
+"""Published numbers and how result rows map onto each paper table, read from
+``bench/paper/tables/``.
 
 Each paper table is two files: ``<name>.yaml`` (title, source list, the grid(s) to run,
 how result rows map onto the table's rows and columns) and ``<name>.csv`` (the published
@@ -9,17 +10,14 @@ give is simply absent from the CSV: it prints as missing, never as a guess.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.config import RunConfig
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
@@ -153,7 +151,7 @@ class PaperTable:
 
 
 def _folder() -> Any:
-    return resources.files("bench") / "paper"
+    return resources.files("bench") / "paper" / "tables"
 
 
 def table_names() -> list[str]:
@@ -165,7 +163,7 @@ def _merge(name: str, *matches: dict[str, Any]) -> dict[str, Any]:
     for match in matches:
         for key, value in (match or {}).items():
             if key in merged and merged[key] != value:
-                raise BenchError(f"bench/paper/{name}.yaml: '{key}' is matched twice")
+                raise BenchError(f"bench/paper/tables/{name}.yaml: '{key}' is matched twice")
             merged[key] = value
     return merged
 
@@ -191,7 +189,9 @@ def _rows(name: str, spec: Any, categories: tuple[str, ...]) -> list[Row]:
         group = categories if members == "all" else tuple(map(str, members))
         unknown = sorted(set(group) - set(categories))
         if unknown:
-            raise BenchError(f"bench/paper/{name}.yaml: unknown categories {', '.join(unknown)}")
+            raise BenchError(
+                f"bench/paper/tables/{name}.yaml: unknown categories {', '.join(unknown)}"
+            )
         rows.append(Row(str(label), str(label), match, group, is_mean=True))
     return rows
 
@@ -202,18 +202,17 @@ def _numbers(name: str, text: str) -> dict[tuple[str, str], Number]:
         key = (line["row"], line["column"])
         status = line["status"]
         if status not in STATUSES:
-            raise BenchError(f"bench/paper/{name}.csv: status '{status}' is not one of P, X, S, U")
+            raise BenchError(
+                f"bench/paper/tables/{name}.csv: status '{status}' is not one of P, X, S, U"
+            )
         try:
             float(line["value"])
         except ValueError as exc:
             raise BenchError(
-                f"bench/paper/{name}.csv: value '{line['value']}' of {key} is not a number"
+                f"bench/paper/tables/{name}.csv: value '{line['value']}' of {key} is not a number"
             ) from exc
         numbers[key] = Number(line["value"], status, line["source"], line.get("note") or "")
     return numbers
-
-
-_GRID_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {"out", "preset", "dataset"}
 
 
 def load_table(name: str) -> PaperTable:
@@ -228,15 +227,11 @@ def load_table(name: str) -> PaperTable:
     dataset = spec["dataset"]
     categories = tuple(DATASETS.get(dataset).categories)
     grids = [dict(g) for g in spec["grids"]]
-    for grid in grids:
-        unknown = sorted(set(grid) - _GRID_KEYS)
-        if unknown:
-            raise BenchError(f"bench/paper/{name}.yaml: unknown grid keys {', '.join(unknown)}")
     rows = _rows(name, spec["rows"], categories)
     columns = []
     for c in spec["columns"]:
         if c["metric"] not in METRICS:
-            raise BenchError(f"bench/paper/{name}.yaml: unknown metric '{c['metric']}'")
+            raise BenchError(f"bench/paper/tables/{name}.yaml: unknown metric '{c['metric']}'")
         label = c.get("label", METRICS[c["metric"]].label)
         columns.append(Column(str(c["id"]), label, c["metric"], dict(c.get("match") or {})))
     for row in rows:
@@ -245,7 +240,7 @@ def load_table(name: str) -> PaperTable:
     known = {(r.id, c.id) for r in rows for c in columns}
     stray = sorted(set(numbers) - known)
     if stray:
-        raise BenchError(f"bench/paper/{name}.csv: cells {stray} are not in the table")
+        raise BenchError(f"bench/paper/tables/{name}.csv: cells {stray} are not in the table")
     return PaperTable(
         name=name,
         title=spec["title"],
@@ -261,62 +256,4 @@ def load_table(name: str) -> PaperTable:
         notes=list(spec.get("notes") or []),
         decimals=spec.get("decimals"),
         category_match=None if isinstance(spec["rows"], list) else rows[0].match,
-    )
-
-
-def grid_configs(table: PaperTable, overrides: dict[str, Any], out: Path) -> list[RunConfig]:
-    """The table's grids as run configurations, with the user's overrides on top.
-
-    ``backbones`` in the overrides keeps, per grid, the listed backbones it runs (a grid
-    left with none is dropped), except that one backbone given for a one-backbone table
-    replaces it (the caption then says the backbone differs from the paper's).
-    """
-    configs = []
-    wanted = overrides.get("backbones")
-    substitute = check_backbones(table, wanted)
-    for grid in table.grids:
-        config = RunConfig(**{**grid, "dataset": table.dataset})
-        for key, value in overrides.items():
-            if key == "set":
-                for scope, values in value.items():
-                    config.set = {**config.set, scope: {**config.set.get(scope, {}), **values}}
-            elif key != "backbones" and value is not None:
-                setattr(config, key, value)
-        if wanted:
-            if substitute:
-                config.backbones = [substitute]
-            else:
-                config.backbones = [b for b in config.backbones if b in wanted]
-                if not config.backbones:
-                    continue
-        config.out = str(out)
-        configs.append(config)
-    return configs
-
-
-def check_backbones(table: PaperTable, backbones: list[str] | None) -> str | None:
-    """The substitute backbone when one replaces a one-backbone table's; None otherwise."""
-    if not backbones:
-        return None
-    if len(table.backbones) == 1 and len(backbones) == 1:
-        return None if backbones[0] == table.backbones[0] else backbones[0]
-    stray = [b for b in backbones if b not in table.backbones]
-    if stray:
-        raise BenchError(
-            f"--backbones {','.join(stray)}: table {table.name} compares "
-            f"{', '.join(table.backbones)}; give a subset of them"
-        )
-    return None
-
-
-def check_weights(weights: str, allow_random: bool) -> None:
-    """Papers used ImageNet weights: anything else must be asked for explicitly."""
-    if weights == "imagenet" or allow_random:
-        return
-    if weights not in ("auto", "random") and Path(weights).expanduser().is_file():
-        return
-    raise BenchError(
-        f"--weights {weights}: bench paper compares with published numbers, which used "
-        "ImageNet weights; use --weights imagenet (or a checkpoint file), or add "
-        "--allow-random-weights to run anyway (the tables then say they are not comparable)"
     )

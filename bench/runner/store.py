@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.config import Cell
 from bench.errors import BenchError
+from bench.runner.cell import Cell
 
 STORE_NAME = "results.sqlite"
 
@@ -95,3 +95,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot store {type(value).__name__} in a result row")
+
+
+def read_store(folder: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Finished rows and failed cells of a run folder; an empty store is an error."""
+    store = ResultStore.open_existing(folder)
+    try:
+        rows, failures = store.rows(), store.failures()
+    finally:
+        store.close()
+    if not rows:
+        raise BenchError(f"{folder}: the store holds no finished cells yet")
+    return rows, failures

@@ -1,40 +1,51 @@
-"""Grid -> cells -> executor -> results store, and the run folder around them."""
+"""Grid -> cells -> executor -> results store: the one path every run takes.
+
+Nothing here writes tables or reports: callers (the ``bench.run`` API, ``bench paper``)
+do that from the rows it returns, and ``bench check`` does not.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from bench import examples
-from bench.cell import Environment, default_workers, resolve_device
-from bench.config import Cell, RunConfig, expand_cells
 from bench.errors import BenchError
-from bench.executors import make_executor
 from bench.registry import DATASETS
-from bench.run_report import write_report
-from bench.store import ResultStore
-
-PACKAGES = ("flowad-bench", "torch", "torchvision", "timm", "FrEIA", "numpy", "scikit-learn")
+from bench.runner import examples
+from bench.runner.cell import Cell, Environment, default_workers, resolve_device
+from bench.runner.config import EXECUTORS, RunConfig
+from bench.runner.executors import Executor, LocalExecutor
+from bench.runner.grid import expand_cells
+from bench.runner.provenance import write_run_json
+from bench.runner.store import ResultStore
 
 
 @dataclass
 class RunSummary:
+    """What a grid left behind: its folder, this grid's finished rows, and its failures."""
+
     folder: Path
     cells: int
     skipped: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
-    tables: str = ""
+
+
+def make_executor(config: RunConfig, debug: bool = False) -> Executor:
+    """The executor a run asks for; Ray is imported only when it is used."""
+    if config.executor == "local":
+        return LocalExecutor(debug)
+    if config.executor == "ray":
+        from bench.runner.ray_executor import RayExecutor
+
+        return RayExecutor.from_config(config, debug)
+    raise BenchError(f"--executor {config.executor}: expected one of {', '.join(EXECUTORS)}")
 
 
 def resolve_categories(config: RunConfig) -> list[str]:
@@ -44,69 +55,6 @@ def resolve_categories(config: RunConfig) -> list[str]:
     for category in config.categories:
         dataset.check_category(category)
     return list(config.categories)
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def _versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def _hardware(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-    }
-    try:
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        info["memory_gb"] = round(pages / 1024**3, 1)
-    except (ValueError, OSError, AttributeError):
-        info["memory_gb"] = None
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def write_run_json(folder: Path, config: RunConfig, argv: list[str], device: str) -> None:
-    """Append this invocation to run.json: command, versions, git revision, hardware."""
-    path = folder / "run.json"
-    history = json.loads(path.read_text()).get("invocations", []) if path.is_file() else []
-    history.append(
-        {
-            "command": " ".join(["bench", *argv]),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": asdict(config),
-            "versions": _versions(),
-            "git_revision": _git_revision(),
-            "hardware": _hardware(device),
-        }
-    )
-    latest = dict(history[-1])
-    latest["invocations"] = history
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(latest, indent=2, default=str))
-    tmp.replace(path)
 
 
 def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
@@ -124,7 +72,7 @@ def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
 
 
 def run_grid(
-    config: RunConfig, argv: list[str], force: bool = False, debug: bool = False
+    config: RunConfig, command: str, force: bool = False, debug: bool = False
 ) -> RunSummary:
     """Run every cell not already in the store; each row is stored the moment it exists."""
     config.validate()
@@ -137,7 +85,7 @@ def run_grid(
     cells = expand_cells(config, categories)
     folder = Path(config.out or "results/default")
     store = ResultStore(folder)
-    write_run_json(folder, config, argv, device)
+    write_run_json(folder, config, command, device)
     todo: list[Cell] = [c for c in cells if force or store.status(c.key) != "done"]
     skipped = len(cells) - len(todo)
     if skipped:
@@ -172,7 +120,6 @@ def run_grid(
     finally:
         rows = [r for r in store.rows() if r["cell_key"] in {c.key for c in cells}]
         store.close()
-    tables = write_report(folder, rows, failures) if rows else ""
     if not cells:
         raise BenchError("the grid is empty: no methods or categories selected")
-    return RunSummary(folder, len(cells), skipped, failures, tables)
+    return RunSummary(folder, len(cells), skipped, rows, failures)

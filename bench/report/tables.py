@@ -13,13 +13,19 @@ from typing import Any
 import pandas as pd
 
 from bench.metrics import METRIC_LABELS
+from bench.runner.row import columns
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 MISSING = "–"
 
 
 def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a DataFrame with the result row's columns in their order; columns a plugin
+    adds (extra outputs of a method) follow them."""
     frame = pd.DataFrame(rows)
+    known = columns()
+    ordered = [c for c in known if c in frame] + [c for c in frame if c not in known]
+    frame = frame[ordered]
     if "settings" in frame:
         frame["settings"] = frame["settings"].map(lambda s: json.dumps(s, sort_keys=True))
     return frame

@@ -16,14 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.datasets.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Preprocess,
-    Sample,
-    read_image,
-    to_tensor,
-)
+from bench.datasets.base import Sample
+from bench.datasets.pipeline import IMAGENET_MEAN, IMAGENET_STD, Preprocess, read_image, to_tensor
 
 EXAMPLES_KEY = "examples"
 FOLDER = "examples"

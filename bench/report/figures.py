@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench import examples  # noqa: E402
+from bench.runner import examples  # noqa: E402
 
 FOLDER = "figures"
 DPI = 100

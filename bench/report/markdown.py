@@ -7,26 +7,27 @@ and ``bench report RUN`` rebuilds it, with everything it links, from the store.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.comparison import Comparison, compare, render_markdown, write_comparison
 from bench.errors import BenchError
-from bench.published import load_table, table_names
-from bench.report import results_frame, write_tables
+from bench.paper.filled import FilledTable, fill_table, render_markdown, write_filled
+from bench.paper.published import load_table, table_names
+from bench.report.tables import results_frame, write_tables
+from bench.runner.provenance import read_run_json
+from bench.runner.store import read_store
 
 REPORT = "report.md"
 
 
-def _written(comparison: Comparison, folder: Path, suffix: str = "") -> tuple[str, str]:
-    path = write_comparison(comparison, folder, suffix)
+def _written(comparison: FilledTable, folder: Path, suffix: str = "") -> tuple[str, str]:
+    path = write_filled(comparison, folder, suffix)
     return f"{path.parent.name}/{path.name}", render_markdown(comparison)
 
 
 def write_paper_tables(
-    folder: Path, rows: list[dict[str, Any]], given: Sequence[Comparison] = ()
+    folder: Path, rows: list[dict[str, Any]], given: Sequence[FilledTable] = ()
 ) -> list[tuple[str, str]]:
     """Every paper table this run has numbers for: (file or table name, markdown or error).
 
@@ -42,7 +43,7 @@ def write_paper_tables(
         references = sorted({r["reference"] for r in rows if r.get("dataset") == table.dataset})
         for reference in references:
             try:
-                comparison = compare(table, rows, reference)
+                comparison = fill_table(table, rows, reference)
             except BenchError as exc:
                 written.append((name, f"not built: {exc}"))
                 continue
@@ -53,10 +54,9 @@ def write_paper_tables(
 
 
 def _run_lines(folder: Path) -> list[str]:
-    path = folder / "run.json"
-    if not path.is_file():
+    info = read_run_json(folder)
+    if info is None:
         return ["(no run.json in this folder)"]
-    info = json.loads(path.read_text())
     hardware = info.get("hardware", {})
     versions = info.get("versions", {})
     device = hardware.get("gpu") or hardware.get("processor") or "?"
@@ -74,10 +74,10 @@ def write_report(
     folder: Path,
     rows: list[dict[str, Any]],
     failures: Sequence[tuple[str, str]] = (),
-    comparisons: Sequence[Comparison] = (),
+    comparisons: Sequence[FilledTable] = (),
 ) -> str:
     """Tables, paper tables, figures and report.md; returns the result tables' markdown."""
-    from bench.figures import write_figures
+    from bench.report.figures import write_figures
 
     folder = Path(folder)
     tables = write_tables(results_frame(rows), folder)
@@ -108,3 +108,9 @@ def write_report(
             lines += [f"**{figure.title}**", "", f"![{figure.title}]({link})", ""]
     (folder / REPORT).write_text("\n".join(lines).rstrip() + "\n")
     return tables
+
+
+def rebuild_report(folder: Path) -> tuple[str, list[tuple[str, str]]]:
+    """``bench report RUN``: everything rebuilt from the store alone."""
+    rows, failures = read_store(folder)
+    return write_report(folder, rows, failures), failures

@@ -1,4 +1,5 @@
-"""The whole life of one cell: data, features, fit, predict, metrics -> one flat row.
+"""A cell (one method x dataset x category x backbone x seed, every setting resolved) and
+its whole life: data, features, fit, predict, metrics -> one result row.
 
 ``run_cell`` is a plain function of its cell and environment, so any executor (local, or
 a Ray worker on another machine) can run it.
@@ -6,6 +7,9 @@ a Ray worker on another machine) can run it.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import random
 import time
@@ -17,15 +21,48 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import examples, metrics
-from bench.config import Cell
-from bench.datasets.base import ImageSet, Preprocess, load_ground_truth
+from bench import metrics
+from bench.datasets.pipeline import ImageSet, Preprocess, load_ground_truth
 from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures, FeatureSource, StreamedFeatures
 from bench.methods.base import Method, MethodContext
 from bench.profiling import PeakMemory, ProfileSettings, cell_costs
 from bench.registry import DATASETS, METHODS
+from bench.runner import examples
+from bench.runner.row import ResultRow
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work; everything that changes its result is in here."""
+
+    method: str  # registered name, possibly a variant such as fastflow-3x3
+    base: str  # the method it is built on
+    dataset: str
+    category: str
+    backbone: str
+    seed: int
+    reference: str
+    weights: str
+    settings: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        payload = {k: v for k, v in dataclasses.asdict(self).items()}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    @property
+    def work_key(self) -> str:
+        """Identity of the computation: cells that differ only in the variant's name (such
+        as ``fastflow`` and ``fastflow-3x3`` where the reference is already 3x3-only) share it."""
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def label(self) -> str:
+        return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -205,38 +242,36 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     t4 = time.perf_counter()
     costs = cell_costs(method, extractor, env.profile, peak, fit_seconds=t2 - t1)
 
-    return {
-        "dataset": cell.dataset,
-        "category": cell.category,
-        "method": cell.method,
-        "base_method": cell.base,
-        "backbone": cell.backbone,
-        "seed": cell.seed,
-        "reference": cell.reference,
-        "weights": extractor.weights.describe(),
-        "weights_id": extractor.weights.ident,
-        "pretrained": extractor.weights.pretrained,
-        "input": pre.describe(),
-        **values,
-        "n_train": len(train_samples),
-        "n_test": n,
-        "n_anomalous": int(gt.labels.sum()),
-        "trainable_params": method.trainable_parameters(),
-        "feature_seconds": t1 - t0,
-        "fit_seconds": t2 - t1,
-        "test_seconds": t3 - t2,
-        "metric_seconds": t4 - t3,
+    row = ResultRow(
+        dataset=cell.dataset,
+        category=cell.category,
+        method=cell.method,
+        base_method=cell.base,
+        backbone=cell.backbone,
+        seed=cell.seed,
+        reference=cell.reference,
+        weights=extractor.weights.describe(),
+        weights_id=extractor.weights.ident,
+        pretrained=extractor.weights.pretrained,
+        input=pre.describe(),
+        metrics=values,
+        n_train=len(train_samples),
+        n_test=n,
+        n_anomalous=int(gt.labels.sum()),
+        trainable_params=method.trainable_parameters(),
+        feature_seconds=t1 - t0,
+        fit_seconds=t2 - t1,
+        test_seconds=t3 - t2,
+        metric_seconds=t4 - t3,
         **costs,
-        "device": env.device,
-        "threads": torch.get_num_threads(),
-        "settings": cell.settings,
-        "cell_key": cell.key,
-        **(
-            {examples.EXAMPLES_KEY: examples.collect(test_samples, pre, gt.masks, maps)}
-            if maps is not None
-            else {}
-        ),
-    }
+        device=env.device,
+        threads=torch.get_num_threads(),
+        settings=cell.settings,
+        cell_key=cell.key,
+    ).to_dict()
+    if maps is not None:
+        row[examples.EXAMPLES_KEY] = examples.collect(test_samples, pre, gt.masks, maps)
+    return row
 
 
 def describe_failure(exc: BaseException, debug: bool) -> str:

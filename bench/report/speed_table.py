@@ -1,30 +1,14 @@
-"""``bench speed``: the complexity table of methods x backbones, with no dataset.
-
-Each (method, backbone) is built with exactly the settings ``bench run`` would give its
-cells (``resolve_settings``), then profiled on random input of the model's input size.
-Nothing is trained: flows run their real computation untrained, and a method whose
-prediction reads fitted statistics gets stand-in ones of the right shape from
-``Method.init_untrained`` (PaDiM: zero means and identity inverse covariances at every
-position). The profile times ``predict_batch``; CFLOW-AD's ``original`` reference
-normalises over the whole test set in ``predict``, which adds a second pass of its cheap
-exp-and-upsample scoring that these figures leave out.
-"""
+"""The ``bench speed`` table: columns, caption, and its text, markdown and CSV forms."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from bench.cell import Environment, build_method
-from bench.config import Cell, RunConfig, check_set_scopes, resolve_settings
 from bench.errors import BenchError
-from bench.profiling import PeakMemory, ProfileSettings, profile_inference
+from bench.profiling import ProfileSettings
 
 # (header, row key or keys, format): keys joined by " / " print as median / p95.
 COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
@@ -42,64 +26,6 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("peak MB", ("peak_memory_mb",), "{:.0f}"),
 ]
 SCALE = {"params_head": 1e-6, "params_backbone": 1e-6, "flops_head": 1e-9, "flops_backbone": 1e-9}
-
-
-def speed_rows(
-    config: RunConfig, settings: ProfileSettings, device: str
-) -> Iterator[dict[str, Any]]:
-    """One profiled row per (backbone, method), in the order ``bench run`` expands them."""
-    check_set_scopes(config)
-    env = Environment(data_root=None, device=device, progress=False)
-    for backbone in config.backbones:
-        for name in config.methods:
-            base, method_settings = resolve_settings(name, backbone, config)
-            cell = Cell(
-                method=name,
-                base=base,
-                dataset="none",
-                category="none",
-                backbone=backbone,
-                seed=config.seeds[0],
-                reference=config.reference,
-                weights=config.weights,
-                settings=dataclasses.asdict(method_settings),
-            )
-            try:
-                yield _profile_row(cell, env, settings, device)
-            except Exception as exc:  # one method that cannot run must not hide the others
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                yield {**_identity(cell), "error": reason}
-
-
-def _identity(cell: Cell) -> dict[str, Any]:
-    return {
-        "method": cell.method,
-        "base_method": cell.base,
-        "backbone": cell.backbone,
-        "reference": cell.reference,
-    }
-
-
-def _profile_row(
-    cell: Cell, env: Environment, settings: ProfileSettings, device: str
-) -> dict[str, Any]:
-    peak = PeakMemory(torch.device(device))
-    method, extractor, pre = build_method(cell, env)
-    method.init_untrained()
-    profile = profile_inference(method, extractor, settings)
-    height, width = extractor.input_size
-    return {
-        **_identity(cell),
-        "weights": extractor.weights.describe(),
-        "pretrained": extractor.weights.pretrained,
-        "input": pre.describe(),
-        "model_input": f"{height}x{width}",
-        **profile,
-        **peak.read(),
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "settings": cell.settings,
-    }
 
 
 def _cell(row: dict[str, Any], keys: tuple[str, ...], fmt: str) -> str:

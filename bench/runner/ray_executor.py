@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench.cell import Environment, describe_failure, resolve_device, run_cell
-from bench.config import Cell, RunConfig
 from bench.errors import BenchError
-from bench.executors import OnFailure, OnResult
 from bench.registry import DATASETS, METHODS
+from bench.runner.cell import Cell, Environment, describe_failure, resolve_device, run_cell
+from bench.runner.config import RunConfig
+from bench.runner.executors import OnFailure, OnResult
 
 INSTALL_HINT = 'pip install "flowad-bench[ray]"'
 

@@ -1,27 +1,23 @@
-"""Run configuration, presets and the expansion of a grid into cells.
+"""The run configuration and presets: what a grid is, before anything heavy is imported.
 
-A cell is one (method, dataset, category, backbone, seed) with every setting resolved, so
-its key changes whenever anything that affects its result changes, and a rerun of the same
-command finds the cells it already finished.
+Parsing options and presets happens here without torch, timm or the plugins, so the CLI
+starts fast; ``validate`` imports the registries it checks against.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bench.errors import BenchError
-from bench.extractor import WEIGHT_POLICIES
-from bench.methods.base import REFERENCES, apply_overrides
-from bench.profiling import ProfileSettings
-from bench.registry import DATASETS, METHODS
+
+if TYPE_CHECKING:
+    from bench.profiling import ProfileSettings
 
 # Flags that map onto a method setting of the same name, for every method that has it.
 SHARED_SETTINGS = ("input_size", "epochs", "batch_size", "lr")
@@ -62,6 +58,10 @@ class RunConfig:
     throughput_batch: int = 32
 
     def validate(self) -> None:
+        from bench.extractor import WEIGHT_POLICIES
+        from bench.methods.base import REFERENCES
+        from bench.registry import DATASETS, METHODS
+
         if self.reference not in REFERENCES:
             raise BenchError(
                 f"--reference {self.reference}: expected one of {', '.join(REFERENCES)}"
@@ -83,6 +83,8 @@ class RunConfig:
 
     def profile_settings(self) -> ProfileSettings | None:
         """How each cell is profiled; None when profiling is off."""
+        from bench.profiling import ProfileSettings
+
         settings = ProfileSettings(self.profile_repeats, self.profile_warmup, self.throughput_batch)
         return settings if self.profile else None
 
@@ -145,98 +147,3 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
         method, _, key = lhs.rpartition(".")
         out.setdefault(method or "*", {})[key] = value
     return out
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of work; everything that changes its result is in here."""
-
-    method: str  # registered name, possibly a variant such as fastflow-3x3
-    base: str  # the method it is built on
-    dataset: str
-    category: str
-    backbone: str
-    seed: int
-    reference: str
-    weights: str
-    settings: dict[str, Any]
-
-    @property
-    def key(self) -> str:
-        payload = {k: v for k, v in dataclasses.asdict(self).items()}
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-    @property
-    def work_key(self) -> str:
-        """Identity of the computation: cells that differ only in the variant's name (such
-        as ``fastflow`` and ``fastflow-3x3`` where the reference is already 3x3-only) share it."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-    def label(self) -> str:
-        return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}"
-
-
-def resolve_settings(method: str, backbone: str, config: RunConfig) -> tuple[str, Any]:
-    """Reference defaults, then the variant's presets, then shared flags, then --set."""
-    entry = METHODS.entry(method)
-    cls = entry.obj
-    settings = cls.default_settings(backbone, config.reference)
-    settings = apply_overrides(settings, entry.meta.get("settings", {}), method)
-    names = {f.name for f in dataclasses.fields(settings)}
-    shared = {
-        name: getattr(config, name)
-        for name in SHARED_SETTINGS
-        if getattr(config, name) is not None and name in names
-    }
-    settings = apply_overrides(settings, shared, method)
-    for scope in ("*", entry.meta["base"], method):
-        overrides = dict(config.set.get(scope, {}))
-        if scope == "*":
-            overrides = {k: v for k, v in overrides.items() if k in names}
-        settings = apply_overrides(settings, overrides, scope if scope != "*" else method)
-    return entry.meta["base"], settings
-
-
-def check_set_scopes(config: RunConfig) -> None:
-    """Every --set names a method in the grid (or applies to at least one)."""
-    bases = {METHODS.entry(m).meta["base"] for m in config.methods}
-    for scope, values in config.set.items():
-        if scope == "*":
-            for key in values:
-                if not any(
-                    key in {f.name for f in dataclasses.fields(METHODS.get(m).Settings)}
-                    for m in config.methods
-                ):
-                    raise BenchError(f"--set {key}: no method in this run has that setting")
-        elif scope not in config.methods and scope not in bases:
-            raise BenchError(
-                f"--set {scope}.…: '{scope}' is not a method of this run ({', '.join(config.methods)})"
-            )
-
-
-def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
-    """The grid in a stable order: backbone, category, method, seed."""
-    check_set_scopes(config)
-    cells = []
-    for backbone in config.backbones:
-        for category in categories:
-            for method in config.methods:
-                base, settings = resolve_settings(method, backbone, config)
-                for seed in config.seeds:
-                    cells.append(
-                        Cell(
-                            method=method,
-                            base=base,
-                            dataset=config.dataset,
-                            category=category,
-                            backbone=backbone,
-                            seed=seed,
-                            reference=config.reference,
-                            weights=config.weights,
-                            settings=dataclasses.asdict(settings),
-                        )
-                    )
-    return cells

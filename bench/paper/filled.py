@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.published import (
+from bench.paper.published import (
     MARK_LEGEND,
     MARKS,
     METRICS,
@@ -48,7 +48,7 @@ class Entry:
 
 
 @dataclass
-class Comparison:
+class FilledTable:
     table: PaperTable
     reference: str
     substitute: str | None  # our backbone where the paper's single backbone was replaced
@@ -112,12 +112,12 @@ def _entry(
     return Entry(published, ours, have, want, metric.accuracy and have < want)
 
 
-def compare(
+def fill_table(
     table: PaperTable,
     results: list[dict[str, Any]],
     reference: str | None = None,
     substitute: str | None = None,
-) -> Comparison:
+) -> FilledTable:
     """Fill ``table`` from result rows of one reference (never a mix of references)."""
     rows = [r for r in results if r.get("dataset") == table.dataset]
     references = sorted({r["reference"] for r in rows})
@@ -138,7 +138,7 @@ def compare(
             match = _selector(table, row, column, substitute)
             matching = [r for r in rows if all(_field(r, k) == v for k, v in match.items())]
             entries[(row.id, column.id)] = _entry(table, row, column, matching, used)
-    return Comparison(table, reference, substitute, entries, table_rows, list(used.values()))
+    return FilledTable(table, reference, substitute, entries, table_rows, list(used.values()))
 
 
 def _extra_categories(table: PaperTable, rows: list[dict], substitute: str | None) -> list[Row]:
@@ -168,12 +168,9 @@ def _cell(entry: Entry, decimals: int) -> str:
     return f"{paper} / {ours} / {MISSING if delta is None else f'{delta:+.{decimals}f}'}"
 
 
-def _caption(comparison: Comparison) -> list[str]:
+def _caption(comparison: FilledTable) -> list[str]:
     table, used = comparison.table, comparison.used
-    lines = [
-        f"Published: {table.paper}; collected in paper_numbers.md, section {table.section}. "
-        "Each cell: paper / ours / Δ = ours − paper."
-    ]
+    lines = [f"Published: {table.paper}. Each cell: paper / ours / Δ = ours − paper."]
     if not used:
         lines.append(
             f"Ours: no results in this run for this table "
@@ -202,7 +199,7 @@ def _caption(comparison: Comparison) -> list[str]:
     return lines
 
 
-def _footer(comparison: Comparison) -> list[str]:
+def _footer(comparison: FilledTable) -> list[str]:
     table = comparison.table
     entries = comparison.entries.values()
     lines = []
@@ -229,7 +226,7 @@ def _footer(comparison: Comparison) -> list[str]:
     return lines
 
 
-def render_markdown(comparison: Comparison) -> str:
+def render_markdown(comparison: FilledTable) -> str:
     table = comparison.table
     header = [table.row_header] + [f"{c.label} ({METRICS[c.metric].unit})" for c in table.columns]
     lines = [f"**{table.title}**", "", *_caption(comparison), ""]
@@ -246,7 +243,7 @@ def render_markdown(comparison: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_csv(comparison: Comparison) -> str:
+def render_csv(comparison: FilledTable) -> str:
     """One line per cell, numbers in the paper's unit, for spreadsheets and scripts."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -269,7 +266,7 @@ def render_csv(comparison: Comparison) -> str:
     return out.getvalue()
 
 
-def write_comparison(comparison: Comparison, folder: Path, suffix: str = "") -> Path:
+def write_filled(comparison: FilledTable, folder: Path, suffix: str = "") -> Path:
     """``<run>/paper/<table><suffix>.md`` and ``.csv``; returns the markdown's path."""
     target = Path(folder) / PAPER_FOLDER
     target.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from bench.cell import Environment, describe_failure, run_cell
-from bench.config import EXECUTORS, Cell, RunConfig
-from bench.errors import BenchError
+from bench.runner.cell import Cell, Environment, describe_failure, run_cell
 
 OnResult = Callable[[Cell, dict[str, Any]], None]
 OnFailure = Callable[[Cell, str], None]
@@ -42,14 +40,3 @@ class LocalExecutor:
                 on_failure(cell, describe_failure(exc, self.debug))
                 continue
             on_result(cell, row)
-
-
-def make_executor(config: RunConfig, debug: bool = False) -> Executor:
-    """The executor a run asks for; Ray is imported only when it is used."""
-    if config.executor == "local":
-        return LocalExecutor(debug)
-    if config.executor == "ray":
-        from bench.ray_executor import RayExecutor
-
-        return RayExecutor.from_config(config, debug)
-    raise BenchError(f"--executor {config.executor}: expected one of {', '.join(EXECUTORS)}")

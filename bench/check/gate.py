@@ -9,149 +9,34 @@ a gate that passes when a method silently stops producing rows is no gate.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.config import RunConfig, expand_cells
+from bench.check.baseline import (
+    DEFAULT_THREADS,
+    DEFAULT_TOLERANCES,
+    METRICS,
+    Baseline,
+    baseline_cells,
+    baseline_config,
+    check_tolerances,
+    identity_key,
+    load_baseline,
+    save_baseline,
+)
 from bench.errors import BenchError
-from bench.metrics import METRIC_LABELS
-from bench.runner import resolve_categories, run_grid
-from bench.store import ResultStore
-
-FORMAT = "flowad-bench baseline 1"
-DEFAULT_TOLERANCE = 0.02
-"""Largest drop (in metric units: 0.02 is 2 percentage points) a metric may show and pass."""
-DEFAULT_TOLERANCES = {"default": DEFAULT_TOLERANCE, "image_auroc": 0.04}
-"""What a new baseline file gets. Image AUROC moves in steps of 1 / (normal x anomalous test
-images), coarse on small test sets, so it gets more room than the pixel metrics."""
-DEFAULT_THREADS = 1
-"""A check's torch threads unless its baseline says otherwise. One thread gives the same sums
-in the same order on any core count, and on a busy shared runner it does not stall on
-thread barriers (two threads on a loaded 2-core machine ran the check grid ~8x slower)."""
-DEFAULT_WORKERS = 0
-METRICS = tuple(METRIC_LABELS)
-IDENTITY = ("method", "dataset", "category", "backbone", "seed", "reference", "weights_id")
-"""Row fields that, with ``settings``, say which cell a row is; everything else is outcome."""
-_RUN_ONLY = ("out", "executor")  # where and how a run went, not what it computed
-
-
-@dataclass
-class Baseline:
-    """What a baseline file holds: the grid, the tolerances, one metrics entry per cell."""
-
-    config: dict[str, Any]
-    tolerances: dict[str, float]
-    cells: list[dict[str, Any]]
-    made_with: dict[str, Any] = field(default_factory=dict)
-
-    def run_config(self, out: str) -> RunConfig:
-        return RunConfig(**{**self.config, "out": out})
-
-    def tolerance(self, metric: str) -> float:
-        return self.tolerances.get(metric, self.tolerances.get("default", DEFAULT_TOLERANCE))
-
-
-# --------------------------------------------------------------------------- the file
-
-
-def _check_tolerances(tolerances: Any, where: str) -> dict[str, float]:
-    if not isinstance(tolerances, dict):
-        raise BenchError(f"{where}: 'tolerances' must map a metric name (or 'default') to a number")
-    for name, value in tolerances.items():
-        if name != "default" and name not in METRICS:
-            raise BenchError(
-                f"{where}: unknown tolerance '{name}'; known: default, {', '.join(METRICS)}"
-            )
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise BenchError(f"{where}: tolerance '{name}' must be a number >= 0, got {value!r}")
-    return {k: float(v) for k, v in tolerances.items()}
-
-
-def load_baseline(path: Path) -> Baseline:
-    """Read and validate a baseline file; every problem is one line naming the file."""
-    if not path.is_file():
-        raise BenchError(
-            f"--baseline {path}: no such file; make one with `bench check --baseline {path} "
-            "--update` (plus the grid flags of `bench run`)"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"--baseline {path}: not readable JSON ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise BenchError(f"--baseline {path}: not a baseline file (expected format '{FORMAT}')")
-    for key, kind in (("config", dict), ("cells", list)):
-        if not isinstance(data.get(key), kind):
-            raise BenchError(f"--baseline {path}: '{key}' is missing or not a {kind.__name__}")
-    for index, cell in enumerate(data["cells"]):
-        if not isinstance(cell, dict) or not isinstance(cell.get("metrics"), dict):
-            raise BenchError(f"--baseline {path}: cell {index} has no 'metrics' mapping")
-        absent = [k for k in (*IDENTITY, "settings") if k not in cell]
-        if absent:
-            raise BenchError(f"--baseline {path}: cell {index} lacks {', '.join(absent)}")
-    known = {f.name for f in dataclasses.fields(RunConfig)} - set(_RUN_ONLY)
-    unknown = sorted(set(data["config"]) - known)
-    if unknown:
-        raise BenchError(
-            f"--baseline {path}: unknown 'config' keys {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    tolerances = _check_tolerances(data.get("tolerances", {}), f"--baseline {path}")
-    return Baseline(data["config"], tolerances, data["cells"], data.get("made_with", {}))
-
-
-def save_baseline(path: Path, baseline: Baseline) -> None:
-    """Write atomically, cells sorted by identity, so a regenerated file diffs cleanly."""
-    data = {
-        "format": FORMAT,
-        "config": baseline.config,
-        "tolerances": baseline.tolerances,
-        "made_with": baseline.made_with,
-        "cells": sorted(baseline.cells, key=identity_key),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def baseline_config(config: RunConfig, categories: list[str]) -> dict[str, Any]:
-    """The grid as a baseline records it: explicit categories, fixed threads and workers."""
-    recorded = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RUN_ONLY}
-    recorded["categories"] = list(categories)
-    recorded["threads"] = config.threads or DEFAULT_THREADS
-    recorded["workers"] = DEFAULT_WORKERS if config.workers is None else config.workers
-    return recorded
-
-
-def baseline_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {
-            **{k: row[k] for k in IDENTITY},
-            "settings": row["settings"],
-            "metrics": {m: row.get(m) for m in METRICS},
-        }
-        for row in rows
-    ]
-
-
-# --------------------------------------------------------------------------- matching
-
-
-def identity_key(cell: dict[str, Any]) -> str:
-    """One string per cell identity; settings compared as sorted JSON, so key order is moot."""
-    return json.dumps(
-        {**{k: cell[k] for k in IDENTITY}, "settings": cell["settings"]}, sort_keys=True
-    )
+from bench.runner.config import RunConfig
+from bench.runner.options import build_config
+from bench.runner.provenance import read_run_json
+from bench.runner.run import resolve_categories, run_grid
+from bench.runner.store import read_store
 
 
 def cell_label(cell: dict[str, Any]) -> str:
@@ -175,7 +60,7 @@ def _differences(base: dict[str, Any], run: dict[str, Any]) -> str:
 
 
 @dataclass
-class Comparison:
+class MetricCheck:
     """One metric of one cell, baseline against now."""
 
     cell: str
@@ -205,13 +90,13 @@ class Comparison:
 
 @dataclass
 class CheckResult:
-    comparisons: list[Comparison]
+    comparisons: list[MetricCheck]
     missing_in_run: list[str]
     missing_in_baseline: list[str]
     changed: list[str]
     failed_cells: list[tuple[str, str]] = field(default_factory=list)
 
-    def of(self, status: str) -> list[Comparison]:
+    def of(self, status: str) -> list[MetricCheck]:
         return [c for c in self.comparisons if c.status == status]
 
     @property
@@ -226,7 +111,7 @@ class CheckResult:
         )
 
 
-def compare(
+def check_rows(
     baseline: Baseline, rows: list[dict[str, Any]], tolerance: float | None = None
 ) -> CheckResult:
     """Every metric of every baseline cell against the run's row for the same cell.
@@ -236,7 +121,7 @@ def compare(
     base = {identity_key(c): c for c in baseline.cells}
     now = {identity_key(r): r for r in rows}
     comparisons = [
-        Comparison(
+        MetricCheck(
             cell_label(cell),
             metric,
             cell["metrics"].get(metric),
@@ -277,7 +162,7 @@ def _number(value: float | None) -> str:
     return "absent" if value is None else f"{value:.4f}"
 
 
-def _table(comparisons: list[Comparison]) -> list[str]:
+def _table(comparisons: list[MetricCheck]) -> list[str]:
     header = ("cell", "metric", "baseline", "now", "delta", "tolerance")
     body = [
         (
@@ -369,21 +254,11 @@ def deterministic(threads: int) -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous[2]
 
 
-def read_run(folder: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Finished rows and failed cells of a run folder's store."""
-    store = ResultStore.open_existing(folder)
-    try:
-        return store.rows(), store.failures()
-    finally:
-        store.close()
-
-
 def made_with(folder: Path) -> dict[str, Any]:
     """Provenance of the run a baseline comes from, taken from the folder's run.json."""
-    path = folder / "run.json"
-    if not path.is_file():
+    latest = read_run_json(folder)
+    if latest is None:
         return {}
-    latest = json.loads(path.read_text())
     keys = ("command", "started", "git_revision", "versions", "hardware")
     return {k: latest.get(k) for k in keys}
 
@@ -397,15 +272,14 @@ def _machine(info: dict[str, Any]) -> str:
 
 
 def run_checked_grid(
-    config: RunConfig, argv: list[str], debug: bool
+    config: RunConfig, command: str, debug: bool
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Recompute every cell of the grid (never reuse stored rows: they may predate the code
-    under test), deterministically, and return this grid's rows and failures."""
+    under test), deterministically, and return this grid's rows and failures. No report is
+    written: the verdict is the output."""
     with deterministic(config.threads or DEFAULT_THREADS):
-        summary = run_grid(config, argv, force=True, debug=debug)
-    keys = {cell.key for cell in expand_cells(config, list(config.categories))}
-    rows, _ = read_run(summary.folder)
-    return [row for row in rows if row["cell_key"] in keys], summary.failures
+        summary = run_grid(config, command, force=True, debug=debug)
+    return summary.rows, summary.failures
 
 
 def default_out(baseline_path: Path) -> str:
@@ -419,16 +293,17 @@ def execute(
     out: str | None,
     tolerance: float | None,
     update: bool,
-    new_config: Callable[[], RunConfig],
-    argv: list[str],
+    new_options: dict[str, Any],
+    command: str,
     debug: bool = False,
 ) -> int:
     """``bench check``: 0 when every metric holds, 1 when the gate fails.
 
-    ``new_config`` gives the grid of a baseline that does not exist yet (``--update`` only).
+    ``new_options`` (the run options given) describe the grid of a baseline that does not
+    exist yet (``--update`` only).
     """
     if tolerance is not None:
-        _check_tolerances({"default": tolerance}, "--tolerance")
+        check_tolerances({"default": tolerance}, "--tolerance")
     baseline = None if update and not baseline_path.exists() else load_baseline(baseline_path)
     if run is not None:
         if baseline is None:
@@ -438,11 +313,11 @@ def execute(
                 "plus the grid flags of `bench run`)"
             )
         folder = Path(run)
-        rows, failures = read_run(folder)
+        rows, failures = read_store(folder)
         recorded = baseline.config
     else:
         if baseline is None:
-            config = new_config()
+            config = build_config(new_options)
             recorded = baseline_config(config, resolve_categories(config))
         else:
             recorded = baseline.config
@@ -454,7 +329,7 @@ def execute(
             f"algorithms -> {folder}",
             file=sys.stderr,
         )
-        rows, failures = run_checked_grid(config, argv, debug)
+        rows, failures = run_checked_grid(config, command, debug)
     code = 0
     if baseline is not None:
         now = made_with(folder)
@@ -465,7 +340,7 @@ def execute(
                 "versions; elsewhere the tolerances absorb the difference.",
                 file=sys.stderr,
             )
-        result = compare(baseline, rows, tolerance)
+        result = check_rows(baseline, rows, tolerance)
         result.failed_cells = failures
         print(format_result(result, baseline_path))
         code = 0 if result.passed else 1

@@ -1,0 +1,1 @@
+"""bench check: the regression gate comparing a run with a committed baseline."""

@@ -1,0 +1,1 @@
+"""Published numbers, the grids that reproduce them, and published / ours / delta tables."""

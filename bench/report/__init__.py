@@ -1,0 +1,1 @@
+"""Turning stored result rows into tables, figures and report.md."""

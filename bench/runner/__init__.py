@@ -1,0 +1,1 @@
+"""Running a grid: options, cells, executors (local and Ray), the results store, run.json."""

@@ -1,0 +1,79 @@
+"""The expansion of a run configuration into cells, each with every setting resolved.
+
+A cell's key changes whenever anything that affects its result changes, so a rerun of the
+same command finds the cells it already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from bench.errors import BenchError
+from bench.methods.base import apply_overrides
+from bench.registry import METHODS
+from bench.runner.cell import Cell
+from bench.runner.config import SHARED_SETTINGS, RunConfig
+
+
+def resolve_settings(method: str, backbone: str, config: RunConfig) -> tuple[str, Any]:
+    """Reference defaults, then the variant's presets, then shared flags, then --set."""
+    entry = METHODS.entry(method)
+    cls = entry.obj
+    settings = cls.default_settings(backbone, config.reference)
+    settings = apply_overrides(settings, entry.meta.get("settings", {}), method)
+    names = {f.name for f in dataclasses.fields(settings)}
+    shared = {
+        name: getattr(config, name)
+        for name in SHARED_SETTINGS
+        if getattr(config, name) is not None and name in names
+    }
+    settings = apply_overrides(settings, shared, method)
+    for scope in ("*", entry.meta["base"], method):
+        overrides = dict(config.set.get(scope, {}))
+        if scope == "*":
+            overrides = {k: v for k, v in overrides.items() if k in names}
+        settings = apply_overrides(settings, overrides, scope if scope != "*" else method)
+    return entry.meta["base"], settings
+
+
+def check_set_scopes(config: RunConfig) -> None:
+    """Every --set names a method in the grid (or applies to at least one)."""
+    bases = {METHODS.entry(m).meta["base"] for m in config.methods}
+    for scope, values in config.set.items():
+        if scope == "*":
+            for key in values:
+                if not any(
+                    key in {f.name for f in dataclasses.fields(METHODS.get(m).Settings)}
+                    for m in config.methods
+                ):
+                    raise BenchError(f"--set {key}: no method in this run has that setting")
+        elif scope not in config.methods and scope not in bases:
+            raise BenchError(
+                f"--set {scope}.…: '{scope}' is not a method of this run ({', '.join(config.methods)})"
+            )
+
+
+def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
+    """The grid in a stable order: backbone, category, method, seed."""
+    check_set_scopes(config)
+    cells = []
+    for backbone in config.backbones:
+        for category in categories:
+            for method in config.methods:
+                base, settings = resolve_settings(method, backbone, config)
+                for seed in config.seeds:
+                    cells.append(
+                        Cell(
+                            method=method,
+                            base=base,
+                            dataset=config.dataset,
+                            category=category,
+                            backbone=backbone,
+                            seed=seed,
+                            reference=config.reference,
+                            weights=config.weights,
+                            settings=dataclasses.asdict(settings),
+                        )
+                    )
+    return cells
