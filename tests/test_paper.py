@@ -299,3 +299,14 @@ def test_paper_runs_its_grid_on_a_small_real_run(
     report = (tmp_path / "report.md").read_text()
     assert "[paper/fastflow-mvtec.md](paper/fastflow-mvtec.md)" in report
     assert (tmp_path / "figures" / "gallery_brick.png").is_file()
+
+
+def test_cflow_mvtec_runs_each_wrn50_category_at_its_paper_input_size() -> None:
+    sizes = {
+        (c.backbone, c.category): c.settings["input_size"] for c in _grid_cells("cflow-mvtec")
+    }
+    assert sizes[("wide_resnet50_2", "transistor")] == 128
+    assert sizes[("wide_resnet50_2", "pill")] == 256
+    assert sizes[("wide_resnet50_2", "bottle")] == 512
+    assert {s for (b, _), s in sizes.items() if b == "resnet18"} == {256}
+    assert len({s for (b, _), s in sizes.items() if b == "wide_resnet50_2"}) == 3

@@ -158,3 +158,23 @@ def test_interrupted_plugin_import_is_retried(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         registry.load_plugins()
     assert "padim" in registry.METHODS.names() and len(calls) == 2
+
+
+def test_per_category_settings_override_everything_for_their_category() -> None:
+    config = RunConfig(
+        methods=["cflow", "padim"],
+        input_size=200,
+        set={"cflow": {"epochs": 2}},
+        per_category={"brick": {"cflow.input_size": 96, "epochs": 3}},
+    )
+    cells = {(c.method, c.category): c.settings for c in expand_cells(config, ["brick", "wall"])}
+    assert cells[("cflow", "brick")]["input_size"] == 96
+    assert cells[("cflow", "brick")]["epochs"] == 3  # a bare key reaches every method having it
+    assert cells[("cflow", "wall")]["input_size"] == 200 and cells[("cflow", "wall")]["epochs"] == 2
+    assert cells[("padim", "brick")]["input_size"] == 200  # cflow.… leaves padim alone
+    with pytest.raises(BenchError, match="unknown setting"):
+        expand_cells(
+            RunConfig(methods=["padim"], per_category={"brick": {"padim.nope": 1}}), ["brick"]
+        )
+    with pytest.raises(BenchError, match="per_category.brick"):
+        RunConfig(methods=["padim"], per_category={"brick": 5}).validate()

@@ -42,6 +42,8 @@ class RunConfig:
     batch_size: int | None = None
     lr: float | None = None
     set: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # settings for single categories, over everything else: {category: {"method.key": value}}
+    per_category: dict[str, dict[str, Any]] = field(default_factory=dict)
     out: str | None = None
     device: str = "auto"
     workers: int | None = None
@@ -78,6 +80,12 @@ class RunConfig:
         for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):
             if value is not None and value <= 0:
                 raise BenchError(f"{flag} {value}: must be positive")
+        for category, pairs in self.per_category.items():
+            if not isinstance(pairs, dict):
+                raise BenchError(
+                    f"per_category.{category}: expected a mapping of method.setting: value, "
+                    "e.g. {cflow.input_size: 128}"
+                )
         self.profile_settings()
         self._validate_executor()
 
@@ -135,6 +143,16 @@ def load_preset(name: str) -> dict[str, Any]:
             f"--preset {name}: unknown keys {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     return data
+
+
+def scoped(pairs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"method.key": value}`` as ``{method: {key: value}}``; a bare key applies to every
+    method ("*")."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in pairs.items():
+        method, _, key = str(name).rpartition(".")
+        out.setdefault(method or "*", {})[key] = value
+    return out
 
 
 def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:

@@ -13,11 +13,14 @@ from bench.errors import BenchError
 from bench.methods.base import apply_overrides
 from bench.registry import METHODS
 from bench.runner.cell import Cell
-from bench.runner.config import SHARED_SETTINGS, RunConfig
+from bench.runner.config import SHARED_SETTINGS, RunConfig, scoped
 
 
-def resolve_settings(method: str, backbone: str, config: RunConfig) -> tuple[str, Any]:
-    """Reference defaults, then the variant's presets, then shared flags, then --set."""
+def resolve_settings(
+    method: str, backbone: str, config: RunConfig, category: str | None = None
+) -> tuple[str, Any]:
+    """Reference defaults, then the variant's presets, then shared flags, then --set, then
+    the category's own settings (``per_category``), if any."""
     entry = METHODS.entry(method)
     cls = entry.obj
     settings = cls.default_settings(backbone, config.reference)
@@ -29,11 +32,15 @@ def resolve_settings(method: str, backbone: str, config: RunConfig) -> tuple[str
         if getattr(config, name) is not None and name in names
     }
     settings = apply_overrides(settings, shared, method)
-    for scope in ("*", entry.meta["base"], method):
-        overrides = dict(config.set.get(scope, {}))
-        if scope == "*":
-            overrides = {k: v for k, v in overrides.items() if k in names}
-        settings = apply_overrides(settings, overrides, scope if scope != "*" else method)
+    layers = [config.set]
+    if category is not None and category in config.per_category:
+        layers.append(scoped(config.per_category[category]))
+    for layer in layers:
+        for scope in ("*", entry.meta["base"], method):
+            overrides = dict(layer.get(scope, {}))
+            if scope == "*":
+                overrides = {k: v for k, v in overrides.items() if k in names}
+            settings = apply_overrides(settings, overrides, scope if scope != "*" else method)
     return entry.meta["base"], settings
 
 
@@ -61,7 +68,7 @@ def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
     for backbone in config.backbones:
         for category in categories:
             for method in config.methods:
-                base, settings = resolve_settings(method, backbone, config)
+                base, settings = resolve_settings(method, backbone, config, category)
                 for seed in config.seeds:
                     cells.append(
                         Cell(
