@@ -302,9 +302,7 @@ def test_paper_runs_its_grid_on_a_small_real_run(
 
 
 def test_cflow_mvtec_runs_each_wrn50_category_at_its_paper_input_size() -> None:
-    sizes = {
-        (c.backbone, c.category): c.settings["input_size"] for c in _grid_cells("cflow-mvtec")
-    }
+    sizes = {(c.backbone, c.category): c.settings["input_size"] for c in _grid_cells("cflow-mvtec")}
     assert sizes[("wide_resnet50_2", "transistor")] == 128
     assert sizes[("wide_resnet50_2", "pill")] == 256
     assert sizes[("wide_resnet50_2", "bottle")] == 512

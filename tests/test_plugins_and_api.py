@@ -41,7 +41,9 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (site / EXAMPLE.name).write_text(EXAMPLE.read_text())
     info = site / "flowad_mean_distance-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flowad-mean-distance\nVersion: 0.1\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: flowad-mean-distance\nVersion: 0.1\n"
+    )
     (info / "entry_points.txt").write_text(
         f"[{registry.ENTRY_POINT_GROUP}]\nmean-distance = flowad_mean_distance\n"
     )

@@ -6,6 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from test_datasets import make_mvtec
 
@@ -155,3 +156,31 @@ def test_unknown_category_is_one_clear_line(data_root, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: unknown mvtec category 'bottel'; known: bottle, screw"
+
+
+def test_eval_every_stores_each_epoch_and_leaves_the_final_row_alone(data_root: Path, tmp_path):
+    import bench
+
+    grid = dict(
+        methods="fastflow",
+        dataset="mvtec",
+        data_root=str(data_root),
+        categories="bottle",
+        input_size=32,
+        weights="random",
+        workers=0,
+        epochs=2,
+        profile=False,
+    )
+    plain = bench.run(**grid, out=str(tmp_path / "plain")).results.iloc[0]
+    result = bench.run(**grid, eval_every=1, out=str(tmp_path / "epochs"))
+    row = result.results.iloc[0]
+    history = json.loads(row["history"])
+    assert [h["epoch"] for h in history] == [1, 2]
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert history[-1][metric] == row[metric] == plain[metric]  # evaluating moved nothing
+    assert pd.isna(plain["history"])
+    report = (result.folder / "report.md").read_text()
+    assert "Best epoch on test (optimistic, as in the paper's code)" in report
+    assert (result.folder / "figures" / "auroc_by_epoch.png").is_file()
+    assert "auroc_by_epoch" not in (tmp_path / "plain" / "report.md").read_text()

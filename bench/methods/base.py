@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +36,9 @@ class MethodContext:
     device: torch.device
     seed: int
     progress: bool = True
+    # Called with the 1-based epoch after each training epoch when the run evaluates during
+    # training (--eval-every); None otherwise.
+    on_epoch: Callable[[int], None] | None = None
 
 
 class Method(ABC):
@@ -92,6 +95,17 @@ class Method(ABC):
         over the whole test set override this."""
         for features in test.batches(batch_size):
             yield self.predict_batch(features)
+
+    def epoch_done(self, epoch: int) -> None:
+        """Trainable methods call this after each epoch (1-based; a CFLOW-AD meta-epoch
+        counts as one). The runner may evaluate on the test set here; the model's train or
+        eval mode is restored afterwards. A method that caches anything derived from its
+        weights for scoring must drop it after this call."""
+        if self.context.on_epoch is None:
+            return
+        training = self.model.training
+        self.context.on_epoch(epoch)
+        self.model.train(training)
 
     @property
     @abstractmethod

@@ -492,6 +492,8 @@ class CFlow(Method):
             self.history.append(float(total) / max(fibers, 1))
             bar.set_postfix(loss=f"{self.history[-1]:.4f}")
             bar.close()
+            self.epoch_done(epoch + 1)
+            self._frozen = None  # an evaluation may have built it from this epoch's weights
         self._model.eval()
 
     def _train_batch(

@@ -328,7 +328,7 @@ class FastFlow(Method):
         bar = tqdm(
             range(s.epochs), desc="fastflow", unit="epoch", disable=not self.context.progress
         )
-        for _ in bar:
+        for epoch in bar:
             total = torch.zeros((), device=self.device)
             count = 0
             for batch in train.batches(s.batch_size, shuffle=True, generator=generator):
@@ -343,6 +343,7 @@ class FastFlow(Method):
             epoch_loss = float(total) / count
             self.history.append(epoch_loss)
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
+            self.epoch_done(epoch + 1)
             if s.early_stop_patience > 0:
                 if epoch_loss < best - s.early_stop_min_delta:
                     best, stale = epoch_loss, 0

@@ -144,6 +144,36 @@ def accuracy_latency(frame: pd.DataFrame, folder: Path) -> Figure:
     return Figure(title, _save(fig, folder / FOLDER / "accuracy_vs_latency.png"))
 
 
+def epoch_curves(frame: pd.DataFrame, folder: Path) -> Figure | None:
+    """Image and pixel AUROC against epoch, one line per method (mean over categories and
+    seeds), for runs evaluated during training (--eval-every); None for other runs."""
+    long = epoch_frame(frame)
+    if long.empty:
+        return None
+    title = "AUROC against epoch (evaluated during training)"
+    metrics = [m for m in ("image_auroc", "pixel_auroc") if long[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        data = long.assign(value=100 * long[metric].astype(float))
+        sns.lineplot(data=data, x="epoch", y="value", hue="series", marker="o", ax=ax)
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        ax.set_title(f"{metric.split('_')[0]} AUROC, mean over categories")
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return Figure(title, _save(fig, folder / FOLDER / "auroc_by_epoch.png"))
+
+
+def epoch_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell, evaluated epoch) of the rows that have a history."""
+    if "history" not in frame:
+        return pd.DataFrame()
+    records = []
+    for _, row in frame[frame["history"].notna()].iterrows():
+        for entry in row["history"]:
+            records.append({"series": row["series"], "category": row["category"], **entry})
+    return pd.DataFrame(records)
+
+
 def _gallery_columns(part: pd.DataFrame, folder: Path) -> list[tuple[str, dict]]:
     """(series label, examples) per series of one category: the lowest seed's cell."""
     columns = []
@@ -218,6 +248,8 @@ def write_figures(folder: Path, rows: list[dict[str, Any]]) -> list[Figure]:
     with sns.plotting_context("paper"):
         with sns.axes_style("whitegrid"):
             figures = [auroc_bars(frame, folder), accuracy_latency(frame, folder)]
+            curves = epoch_curves(frame, folder)
+            figures += [curves] if curves is not None else []
         with sns.axes_style("white"):
             galleries = [gallery(frame, folder, c) for c in dict.fromkeys(frame["category"])]
     if all(g.path is None for g in galleries):

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from bench.metrics import METRIC_LABELS
 from bench.paper.filled import FilledTable, fill_table, render_markdown, write_filled
 from bench.paper.published import load_table, table_names
-from bench.report.tables import results_frame, write_tables
+from bench.report.tables import (
+    BEST_EPOCH_CAPTION,
+    TABLE_METRICS,
+    best_epoch_table,
+    results_frame,
+    to_markdown,
+    write_tables,
+)
 from bench.runner.provenance import read_run_json
 from bench.runner.store import read_store
 
@@ -70,6 +78,23 @@ def _run_lines(folder: Path) -> list[str]:
     ]
 
 
+def _best_epoch_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for metric in TABLE_METRICS:
+        table = best_epoch_table(rows, metric)
+        if table is not None:
+            lines += ["", to_markdown(table, f"{METRIC_LABELS[metric]} (%), best epoch on test")]
+    if lines:
+        lines = [
+            "",
+            "## Best epoch on test (optimistic, as in the paper's code)",
+            "",
+            BEST_EPOCH_CAPTION,
+            *lines,
+        ]
+    return lines
+
+
 def write_report(
     folder: Path,
     rows: list[dict[str, Any]],
@@ -90,6 +115,7 @@ def write_report(
     lines.append(
         "Also as [LaTeX](tables.tex), [CSV](tables.csv) and every row in [results.csv](results.csv)."
     )
+    lines += _best_epoch_lines(rows)
     lines += ["", "## Published numbers beside ours", ""]
     if not papers:
         datasets = ", ".join(sorted(map(str, {r.get("dataset") for r in rows})))

@@ -28,6 +28,8 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = frame[ordered]
     if "settings" in frame:
         frame["settings"] = frame["settings"].map(lambda s: json.dumps(s, sort_keys=True))
+    if "history" in frame:
+        frame["history"] = frame["history"].map(lambda h: None if h is None else json.dumps(h))
     return frame
 
 
@@ -154,3 +156,32 @@ def write_tables(frame: pd.DataFrame, folder: Path) -> str:
     if numeric:
         pd.concat(numeric).to_csv(folder / "tables.csv", index=False)
     return text
+
+
+BEST_EPOCH_CAPTION = (
+    "Best epoch on test: optimistic, as in the paper's code. Each cell is the highest value "
+    "over the epochs evaluated with --eval-every, picked on the test set itself (mean over "
+    "seeds of each seed's best; the epoch in brackets when one seed). The tables above show "
+    "the last epoch, the number to report."
+)
+
+
+def best_epoch_table(rows: list[dict[str, Any]], metric: str) -> pd.DataFrame | None:
+    """Category x method of the best value of ``metric`` over each cell's evaluated epochs;
+    None when no row was evaluated during training."""
+    picked = []
+    for row in rows:
+        history = [h for h in row.get("history") or [] if h.get(metric) is not None]
+        if history:
+            best = max(history, key=lambda h: h[metric])
+            picked.append({**row, metric: best[metric], "best_epoch": best["epoch"]})
+    if not picked:
+        return None
+    frame = pd.DataFrame(picked)
+    table = metric_table(frame, metric)
+    if frame["seed"].nunique() == 1:
+        keys = _column_keys(frame)
+        for _, row in frame.iterrows():
+            name = _column_name(tuple(row[keys]) if len(keys) > 1 else row[keys[0]])
+            table.loc[row["category"], name] += f" (ep {row['best_epoch']})"
+    return table

@@ -7,6 +7,7 @@ a Ray worker on another machine) can run it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,10 +48,17 @@ class Cell:
     reference: str
     weights: str
     settings: dict[str, Any]
+    eval_every: int = 0  # also evaluate every K epochs during training (0: only at the end)
+
+    def _payload(self) -> dict[str, Any]:
+        payload = dataclasses.asdict(self)
+        if not self.eval_every:  # keys of cells without it stay what they always were
+            del payload["eval_every"]
+        return payload
 
     @property
     def key(self) -> str:
-        payload = {k: v for k, v in dataclasses.asdict(self).items()}
+        payload = self._payload()
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -57,7 +66,7 @@ class Cell:
     def work_key(self) -> str:
         """Identity of the computation: cells that differ only in the variant's name (such
         as ``fastflow`` and ``fastflow-3x3`` where the reference is already 3x3-only) share it."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "method"}
+        payload = {k: v for k, v in self._payload().items() if k != "method"}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -193,6 +202,48 @@ def _train_source(
     return StreamedFeatures(extractor, make_loader, len(images), device)
 
 
+def predict_test_set(
+    method: Method, test: FeatureSource, maps_shape: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores (N,) and, where the dataset has masks, maps (N, H, W) of every test image."""
+    n = len(test)
+    scores = np.empty(n, dtype=np.float32)
+    maps = np.empty((n, *maps_shape), dtype=np.float32) if maps_shape else None
+    start = 0
+    for batch_scores, batch_maps in method.predict(
+        test, getattr(method.settings, "batch_size", 32)
+    ):
+        stop = start + batch_scores.shape[0]
+        scores[start:stop] = batch_scores.float().cpu().numpy()
+        if maps is not None:
+            maps[start:stop] = batch_maps.float().cpu().numpy()
+        start = stop
+    if start != n:
+        raise BenchError(f"{method.name} returned {start} predictions for {n} test images")
+    return scores, maps
+
+
+@contextlib.contextmanager
+def preserved_random_state() -> Iterator[None]:
+    """An evaluation during training must not move any random stream training draws from,
+    so a cell gives the same final row with or without --eval-every."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _epochs_run(method: Method) -> int:
+    """Epochs the fit actually ran (early stopping counts): the length of its loss history."""
+    return len(getattr(method, "history", [])) or getattr(method.settings, "epochs", 0)
+
+
 def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     """Train and evaluate one cell; returns its result row."""
     seed_everything(cell.seed)
@@ -207,6 +258,27 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     gt = load_ground_truth(test_samples, pre, dataset.has_masks)
 
     sync = torch.cuda.synchronize if env.device.startswith("cuda") else (lambda: None)
+    test = StreamedFeatures(
+        extractor,
+        lambda b, s, g, d: _loader(test_images, b, env.workers),
+        len(test_images),
+        torch.device(env.device),
+    )
+    maps_shape = pre.output_size if dataset.has_masks else None
+    history: list[dict[str, Any]] = []
+    evaluating = [0.0]  # seconds spent in evaluations during fit, not counted as fit time
+
+    def evaluate_epoch(epoch: int) -> None:
+        if epoch % cell.eval_every:
+            return
+        start = time.perf_counter()
+        with preserved_random_state():
+            scores, maps = predict_test_set(method, test, maps_shape)
+        history.append({"epoch": epoch, **metrics.evaluate(gt, scores, maps)})
+        evaluating[0] += time.perf_counter() - start
+
+    if cell.eval_every:
+        method.context = dataclasses.replace(method.context, on_epoch=evaluate_epoch)
     t0 = time.perf_counter()
     train = _train_source(method, extractor, train_images, cell, env)
     sync()
@@ -216,31 +288,15 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     t2 = time.perf_counter()
     del train
 
-    batch = getattr(method.settings, "batch_size", 32)
-    device = torch.device(env.device)
-    test = StreamedFeatures(
-        extractor,
-        lambda b, s, g, d: _loader(test_images, b, env.workers),
-        len(test_images),
-        device,
-    )
-    n = len(test_images)
-    scores = np.empty(n, dtype=np.float32)
-    maps = np.empty((n, *pre.output_size), dtype=np.float32) if dataset.has_masks else None
-    start = 0
-    for batch_scores, batch_maps in method.predict(test, batch):
-        stop = start + batch_scores.shape[0]
-        scores[start:stop] = batch_scores.float().cpu().numpy()
-        if maps is not None:
-            maps[start:stop] = batch_maps.float().cpu().numpy()
-        start = stop
+    scores, maps = predict_test_set(method, test, maps_shape)
     sync()
     t3 = time.perf_counter()
-    if start != n:
-        raise BenchError(f"{cell.method} returned {start} predictions for {n} test images")
     values = metrics.evaluate(gt, scores, maps)
     t4 = time.perf_counter()
-    costs = cell_costs(method, extractor, env.profile, peak, fit_seconds=t2 - t1)
+    n = len(test_images)
+    if cell.eval_every and (not history or history[-1]["epoch"] != _epochs_run(method)):
+        history.append({"epoch": _epochs_run(method), **values})
+    costs = cell_costs(method, extractor, env.profile, peak, fit_seconds=t2 - t1 - evaluating[0])
 
     row = ResultRow(
         dataset=cell.dataset,
@@ -260,7 +316,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         n_anomalous=int(gt.labels.sum()),
         trainable_params=method.trainable_parameters(),
         feature_seconds=t1 - t0,
-        fit_seconds=t2 - t1,
+        fit_seconds=t2 - t1 - evaluating[0],
         test_seconds=t3 - t2,
         metric_seconds=t4 - t3,
         **costs,
@@ -268,6 +324,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         threads=torch.get_num_threads(),
         settings=cell.settings,
         cell_key=cell.key,
+        history=history or None,
     ).to_dict()
     if maps is not None:
         row[examples.EXAMPLES_KEY] = examples.collect(test_samples, pre, gt.masks, maps)

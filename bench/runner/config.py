@@ -54,6 +54,7 @@ class RunConfig:
     cpus_per_cell: float = 1.0
     retries: int = 1
     preset: str | None = None
+    eval_every: int = 0  # evaluate on the test set every K epochs during training; 0: never
     profile: bool = True  # FLOPs, latency and throughput after each cell's test
     profile_repeats: int = 20
     profile_warmup: int = 2
@@ -77,6 +78,8 @@ class RunConfig:
         DATASETS.entry(self.dataset)
         if not self.seeds:
             raise BenchError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+        if self.eval_every < 0:
+            raise BenchError(f"--eval-every {self.eval_every}: give 0 (off) or a positive K")
         for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):
             if value is not None and value <= 0:
                 raise BenchError(f"{flag} {value}: must be positive")

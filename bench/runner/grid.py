@@ -81,6 +81,7 @@ def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
                             reference=config.reference,
                             weights=config.weights,
                             settings=dataclasses.asdict(settings),
+                            eval_every=config.eval_every,
                         )
                     )
     return cells

@@ -119,6 +119,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("set_items", ("--set",),
            "override one method setting, e.g. fastflow.conv3x3_only=true (repeatable)",
            GRID | {SPEED}, action="append", metavar="METHOD.KEY=VALUE"),
+    Option("eval_every", ("--eval-every",),
+           "also evaluate on the test set every K epochs (stored per epoch; tables show the "
+           "last epoch)", GRID, int, metavar="K"),
     Option("device", ("--device",), "auto (default), cpu, cuda or cuda:N", GRID | {SPEED}),
     Option("workers", ("--workers",), "image-loading worker processes", GRID, int),
     Option("threads", ("--threads",), "torch CPU threads", GRID | {SPEED}, int),

@@ -70,6 +70,9 @@ class ResultRow:
     threads: int = 1
     settings: dict[str, Any] = field(default_factory=dict)
     cell_key: str = ""
+    # with --eval-every: [{"epoch": k, <metric>: value, ...}, ...], the last entry the final
+    # epoch (the row's own metrics); None otherwise
+    history: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, in column order: the metrics take their own columns."""
