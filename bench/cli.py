@@ -145,6 +145,11 @@ def cmd_check(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings reach a user as one line, without the source line Python adds under it."""
+    return f"warning: {message}\n"
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="Benchmark flow-based image anomaly detectors."
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     warnings.simplefilter("default")
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args, argv)
     except BenchError as exc:

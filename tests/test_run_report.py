@@ -157,3 +157,47 @@ def test_unprofiled_run_says_why_the_latency_figure_is_missing(tmp_path: Path) -
         report
     )
     assert not (tmp_path / "figures" / "accuracy_vs_latency.png").exists()
+
+
+def test_tables_whose_every_cell_is_empty_are_left_out_with_a_reason(tmp_path) -> None:
+    from bench.report.tables import results_frame, write_tables
+
+    rows = [
+        {"dataset": "cifar10", "category": c, "method": "padim", "backbone": "resnet18",
+         "reference": "original", "seed": 0, "weights": "random(seed=0)", "pretrained": False,
+         "image_auroc": 0.7, "pixel_auroc": None, "aupro": None}
+        for c in ("cat", "dog")
+    ]  # fmt: skip
+    text = write_tables(results_frame(rows), tmp_path)
+    assert "image AUROC (%)" in text and "pixel AUROC (%)" not in text
+    assert "Not shown, no cell has a value: pixel AUROC, AUPRO" in text
+
+
+def test_cells_log_one_line_each_without_a_terminal(tmp_path) -> None:
+    import io
+
+    from bench.runner.cell import Cell
+    from bench.runner.run import CellLog
+
+    stream = io.StringIO()
+    log = CellLog(2, enabled=True, stream=stream)
+    cell = Cell("fastflow", "fastflow", "mvtec", "bottle", "resnet18", 0, "original", "r", {})
+    log.finished(cell, {"image_auroc": 0.981, "pixel_auroc": 0.972, "fit_seconds": 41.2})
+    log.finished(cell, {"image_auroc": 0.5, "pixel_auroc": None, "fit_seconds": 3})
+    first, second = stream.getvalue().splitlines()
+    assert first.startswith(
+        "[1/2] fastflow bottle resnet18 seed 0: image 0.981 pixel 0.972, fit 41 s; ETA"
+    )
+    assert second == "[2/2] fastflow bottle resnet18 seed 0: image 0.500, fit 3 s"
+
+
+def test_cli_warnings_are_one_line(monkeypatch) -> None:
+    import warnings
+
+    from bench import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    assert cli.main(["paper", "--list"]) == 0
+    assert warnings.formatwarning is cli._one_line_warning
+    text = warnings.formatwarning("USING RANDOM INITIALISATION", UserWarning, "x.py", 1, "src")
+    assert text == "warning: USING RANDOM INITIALISATION\n"

@@ -141,15 +141,23 @@ def write_tables(frame: pd.DataFrame, folder: Path) -> str:
     """Write results.csv, tables.md, tables.tex and tables.csv; return the markdown."""
     folder.mkdir(parents=True, exist_ok=True)
     frame.to_csv(folder / "results.csv", index=False)
-    markdown, latex, numeric = [], [], []
+    markdown, latex, numeric, empty = [], [], [], []
     for metric in TABLE_METRICS:
         if metric not in frame:
+            continue
+        if frame[metric].isna().all():
+            empty.append(METRIC_LABELS[metric])
             continue
         table = metric_table(frame, metric)
         title = caption(frame, metric)
         markdown.append(to_markdown(table, title))
         latex.append(to_latex(table, title))
         numeric.append(numeric_table(frame, metric))
+    if empty:
+        markdown.append(
+            f"Not shown, no cell has a value: {', '.join(empty)} (pixel metrics need "
+            "ground-truth masks, which this dataset does not have).\n"
+        )
     text = "\n".join(markdown)
     (folder / "tables.md").write_text(text)
     (folder / "tables.tex").write_text("\n".join(latex))

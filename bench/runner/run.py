@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +36,46 @@ class RunSummary:
     skipped: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+class CellLog:
+    """Where there is no terminal (CI logs, SLURM, Ray drivers) progress bars are off, so
+    each finished cell prints one line with the run's ETA instead."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+
+    def failed(self) -> None:
+        self.done += 1
+
+    def finished(self, cell: Cell, row: dict[str, Any]) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        scores = [
+            f"{name.split('_')[0]} {row[name]:.3f}"
+            for name in ("image_auroc", "pixel_auroc")
+            if row.get(name) is not None
+        ]
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        print(
+            f"[{self.done}/{self.total}] {cell.method} {cell.category} {cell.backbone} seed "
+            f"{cell.seed}: {' '.join(scores) or 'no metrics'}, fit {row['fit_seconds']:.0f} s"
+            + (f"; ETA {_duration(eta)}" if self.done < self.total else ""),
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def make_executor(config: RunConfig, debug: bool = False) -> Executor:
@@ -100,6 +141,7 @@ def run_grid(
     )
     failures: list[tuple[str, str]] = []
     twins = group_identical(todo)
+    log = CellLog(len(todo), enabled=not env.progress)
 
     def on_result(cell: Cell, row: dict[str, Any]) -> None:
         examples.save(
@@ -107,12 +149,14 @@ def run_grid(
         )
         for twin in twins[cell.key]:
             store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
+            log.finished(twin, row)
 
     def on_failure(cell: Cell, error: str) -> None:
         for twin in twins[cell.key]:
             store.put_failure(twin, error)
             failures.append((twin.label(), error))
             tqdm.write(f"FAILED {twin.label()}: {error.splitlines()[0]}")
+            log.failed()
 
     try:
         representatives = [c for c in todo if c.key in twins]
