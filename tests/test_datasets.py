@@ -116,20 +116,25 @@ def test_no_data_root(dataset: type[Dataset]) -> None:
         dataset(None)
 
 
+def test_mvtec_missing_root(tmp_path: Path) -> None:
+    root = tmp_path / "mvtec"
+    with pytest.raises(BenchError, match=f"{esc(root)}: missing folder"):
+        MVTec(root).train("bottle")
+
+
 @pytest.mark.parametrize(
-    ("remove", "split"),
-    [
-        ("", "train"),
-        ("bottle/train/good", "train"),
-        ("bottle/train", "train"),
-        ("bottle/test", "test"),
-    ],
+    ("remove", "part"),
+    [("bottle/train/good", "train/good"), ("bottle/train", "train/good"), ("bottle/test", "test")],
 )
-def test_mvtec_missing_folder(tmp_path: Path, remove: str, split: str) -> None:
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mvtec_category_folder_without_layout(
+    tmp_path: Path, remove: str, part: str, split: str
+) -> None:
     root = make_mvtec(tmp_path / "mvtec")
     shutil.rmtree(root / remove)
-    missing = root / remove if remove != "bottle/train" else root / "bottle/train/good"
-    with pytest.raises(BenchError, match=f"{esc(missing)}: missing folder"):
+    with pytest.raises(
+        BenchError, match=f"^bottle: no {part} folder under {esc(root / 'bottle')} "
+    ):
         getattr(MVTec(root), split)("bottle")
 
 
