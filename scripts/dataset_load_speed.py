@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.datasets.base import Dataset, read_image
+from bench.datasets.base import Dataset
 from bench.datasets.mvtec import MVTec
+from bench.datasets.pipeline import read_image
 from bench.datasets.realiad import RealIAD
 from bench.datasets.visa import VisA
 

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from bench.cli import main
-from bench.datasets.base import ImageSet, Preprocess, load_ground_truth, read_image
 from bench.datasets.mpdd import MPDD
 from bench.datasets.mvtec import MVTec
 from bench.datasets.mvtec_ad2 import MVTecAD2
+from bench.datasets.pipeline import ImageSet, Preprocess, load_ground_truth, read_image
 from bench.datasets.realiad import RealIAD
 from bench.datasets.visa import VisA
 from bench.errors import BenchError
