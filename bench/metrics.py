@@ -235,19 +235,16 @@ def _ranking(pos: np.ndarray, every: np.ndarray) -> _Ranking | None:
         return None
     pos.sort()
     every.sort()
+    # #all below minus #positives below = #negatives below; the same with <= for the ties.
     left_all = np.searchsorted(every, pos, side="left")
-    right_all = np.searchsorted(every, pos, side="right")
     left_pos = np.searchsorted(pos, pos, side="left")
-    right_pos = np.searchsorted(pos, pos, side="right")
-    return _Ranking(
-        count=1,
-        neg_below=left_all - left_pos,
-        neg_tied=(right_all - left_all) - (right_pos - left_pos),
-        tp=n_pos - left_pos,
-        predicted=n_all - left_all,
-        n_pos=n_pos,
-        n_neg=n_all - n_pos,
-    )
+    neg_tied = np.searchsorted(every, pos, side="right")
+    neg_tied -= np.searchsorted(pos, pos, side="right")
+    neg_below = left_all - left_pos
+    neg_tied -= neg_below
+    tp = np.subtract(n_pos, left_pos, out=left_pos)
+    predicted = np.subtract(n_all, left_all, out=left_all)
+    return _Ranking(1, neg_below, neg_tied, tp, predicted, n_pos, n_all - n_pos)
 
 
 def _value(ranking: _Ranking | None, statistic: Callable[[_Ranking], Any]) -> float | None:
@@ -336,7 +333,7 @@ def _regions(mask: np.ndarray) -> _Regions:
         return empty, empty, empty, empty
     labels, n = ndimage.label(mask[anomalous], structure=_STRUCTURE_3D)
     where = np.flatnonzero(labels)
-    ids = labels.ravel()[where].astype(np.int64) - 1
+    ids = labels.ravel()[where] - 1
     where = anomalous[where // pixels] * pixels + where % pixels
     owner = np.zeros(n, dtype=np.int64)
     owner[ids] = where // pixels
@@ -399,8 +396,8 @@ def _aupro(
         hist += np.bincount(buckets.ravel(), minlength=hist.size)
         n_ok += mask.size
         regions = _regions(mask)
-        if counter is not None:
-            counter.add(mask, score, keys, regions)
+        if counter is not None:  # official regions partition the mask: their pixels are its defects
+            counter.add(mask, score, keys, regions, defect=regions[0])
         where, ids, sizes, _ = regions
         if sizes.size == 0:
             continue
@@ -706,7 +703,7 @@ class _Counter:
 
     ``bins_of(score, keys)`` gives the bin of every pixel of a block (``keys``: the scores'
     ordered keys when the caller has them). Region pixels are those of ``_Regions``; the ok
-    pixels are the mask's zeros.
+    pixels are the mask's zeros (``defect``: the mask's nonzero flat indices, when known).
     """
 
     def __init__(self, bins_of: Callable[[np.ndarray, np.ndarray | None], np.ndarray], n_bins: int):
@@ -718,21 +715,27 @@ class _Counter:
         self.images = 0
 
     def add(
-        self, mask: np.ndarray, score: np.ndarray, keys: np.ndarray | None, regions: _Regions
+        self,
+        mask: np.ndarray,
+        score: np.ndarray,
+        keys: np.ndarray | None,
+        regions: _Regions,
+        defect: np.ndarray | None = None,
     ) -> None:
         n, pixels, n_bins = len(mask), mask[0].size, self.n_bins
         bins = self.bins_of(score, keys).reshape(n, pixels)
         index = bins if n == 1 else bins + (np.arange(n) * n_bins)[:, None]
         counts = np.bincount(index.ravel(), minlength=n * n_bins)
-        defect = np.flatnonzero(mask)
+        if defect is None:
+            defect = np.flatnonzero(mask)
         counts -= np.bincount(
             defect // pixels * n_bins + bins.ravel()[defect], minlength=n * n_bins
         )
         self.ok.append(counts.reshape(n, n_bins))
         where, ids, sizes, owner = regions
-        region_counts = np.bincount(
-            ids * n_bins + bins.ravel()[where], minlength=sizes.size * n_bins
-        )
+        index = np.multiply(ids, n_bins, dtype=np.int64)
+        index += bins.ravel()[where]
+        region_counts = np.bincount(index, minlength=sizes.size * n_bins)
         self.regions.append(region_counts.reshape(sizes.size, n_bins))
         self.region_image.append(owner + self.images)
         self.region_size.append(sizes)
@@ -751,9 +754,10 @@ class _Counter:
 class _KeyGrid:
     """Score bins cut from 2**20 fine buckets spanning the maps' keys: ``lut[bucket]``.
 
-    Fine buckets are the keys shifted right just enough for their range to fit, so they resolve
-    any score distribution (about 1e-4 relative or finer); scores slightly out of the range (an
-    upsampled map may overshoot its source by rounding) fall into the end bins.
+    Fine buckets are the keys shifted right just enough for their range to fit: a bucket spans
+    2.4e-4 of a score's magnitude at most for float32 maps (reached when the scores cross zero,
+    the widest range of keys), much less for one-signed scores. Scores slightly out of the range
+    (an upsampled map may overshoot its source by rounding) fall into the end bins.
     """
 
     dtype: np.dtype  # of the maps the grid was cut from: the same keys for every map binned
