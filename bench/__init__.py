@@ -49,12 +49,14 @@ def run(
     >>> result.results[["method", "category", "image_auroc"]]  # doctest: +SKIP
     """
     from bench.report.markdown import write_report
-    from bench.report.tables import results_frame
+    from bench.report.tables import check_metrics, results_frame
     from bench.runner.options import RUN, build_config, check_keywords, coerce
     from bench.runner.run import run_grid
 
     check_keywords(options, RUN)
     values = coerce(options)
+    if values.get("table_metrics"):
+        check_metrics(values["table_metrics"])  # before any cell runs, not after
     config = build_config(values)
     if announce:
         print(
@@ -70,7 +72,15 @@ def run(
         force=bool(values.get("force")),
         debug=debug,
     )
-    tables = write_report(summary.folder, summary.rows, summary.failures) if summary.rows else ""
+    tables = ""
+    if summary.rows:
+        tables = write_report(
+            summary.folder,
+            summary.rows,
+            summary.failures,
+            metrics=values.get("table_metrics"),
+            ci=bool(values.get("ci")),
+        )
     return RunResult(
         results_frame(summary.rows),
         summary.folder,

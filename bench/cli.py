@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.runner.options import CHECK, PAPER, RUN, SPEED, add_options, given
+from bench.runner.options import CHECK, PAPER, REPORT, RUN, SPEED, add_options, given
 
 
 def _command(argv: list[str]) -> str:
@@ -63,7 +63,7 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     from bench.report.markdown import REPORT, rebuild_report
 
     folder = Path(args.run)
-    tables, failures = rebuild_report(folder)
+    tables, failures = rebuild_report(folder, args.table_metrics, args.ci)
     print(tables)
     _failures(failures)
     print(f"report: {folder / REPORT}", file=sys.stderr)
@@ -172,6 +172,7 @@ def make_parser() -> argparse.ArgumentParser:
         "report", parents=[common], help="rebuild the tables of a run folder from its store"
     )
     report.add_argument("run", help="run folder")
+    add_options(report, REPORT)
     report.set_defaults(func=cmd_report)
 
     paper = sub.add_parser(

@@ -1,15 +1,25 @@
-"""Time the pixel metrics on a synthetic MVTec-sized test set, and check AUPRO's exactness.
+"""Time the metrics on synthetic MVTec-sized test sets, and check AUPRO's exactness.
 
     OMP_NUM_THREADS=2 python scripts/bench_metrics.py [--n 1700] [--size 256]
+    OMP_NUM_THREADS=1 python scripts/bench_metrics.py --cell [--repeats 5] [--resamples 1000]
 
-Each metric runs in its own fresh process (this script re-run with ``--worker``), so the peak
-RSS it reports (resource.getrusage) belongs to that metric alone: the figure printed is the
-process's peak, and "metric" is that peak minus the RSS once the data set was built.
+Default mode: each pixel metric runs in its own fresh process (this script re-run with
+``--worker``), so the peak RSS it reports (resource.getrusage) belongs to that metric alone: the
+figure printed is the process's peak, and "metric" is that peak minus the RSS once the data set
+was built.
 
 The exactness check compares ``bench.metrics.aupro`` with a straightforward full-sort version
 written the way the official MVTec AD script computes it (argsort every pixel, cumulative sums,
 last point of each tie run, clip, (0, 0) and (1, 1), trapezoid with interpolation at the
 limit), and ``pixel_auroc`` with sklearn, on a smaller instance.
+
+``--cell`` times one cell's metric phase on a category shaped like MVTec AD bottle (20 good and
+63 defective test images, 900x900 masks, 256x256 maps), side by side in one process: "before"
+computes the four columns the harness had before AP, F1-max and CFLOW-AD's AUPRO were added,
+the way its ``evaluate`` did (image and pixel AUROC, AUPRO at model and at native resolution);
+"evaluate" is every declared metric; "with evidence" adds the evidence the confidence intervals
+are resampled from; "intervals" is ``confidence_intervals`` on that evidence. The runs
+alternate within each repeat (the order rotates), and the ratios are taken per repeat.
 """
 
 from __future__ import annotations
@@ -20,14 +30,18 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from bisect import bisect
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from bench import metrics
+from bench.datasets.pipeline import GroundTruth
 from bench.metrics import aupro, pixel_auroc
 
 
@@ -96,6 +110,94 @@ def aupro_full_sort(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> 
     return float((0.5 * np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) + correction) / limit)
 
 
+def bottle_like_cell(
+    seed: int = 0, n_good: int = 20, n_bad: int = 63, native: int = 900, size: int = 256
+) -> tuple[GroundTruth, np.ndarray, np.ndarray]:
+    """Ground truth, image scores and float32 maps of a category shaped like MVTec AD bottle:
+    defects of 1-3 blobs covering a few percent of a defective image, masks at 900x900 and
+    nearest-resized to the 256x256 maps."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.ogrid[:native, :native]
+    native_masks = [np.zeros((native, native), dtype=np.uint8) for _ in range(n_good)]
+    for _ in range(n_bad):
+        mask = np.zeros((native, native), dtype=bool)
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(100, native - 100, 2)
+            ry, rx = rng.uniform(0.05, 0.16, 2) * native
+            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+        native_masks.append(mask.astype(np.uint8))
+    stack = torch.from_numpy(np.stack(native_masks)[:, None].astype(np.float32))
+    model = F.interpolate(stack, size=(size, size), mode="nearest")[:, 0].numpy().astype(np.uint8)
+    low = torch.from_numpy(rng.standard_normal((len(model), 1, 16, 16)).astype(np.float32))
+    maps = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    maps = maps.numpy() * 0.5 + rng.standard_normal(model.shape, dtype=np.float32) * 0.3
+    maps += model * rng.uniform(0.3, 2.0, (len(model), 1, 1)).astype(np.float32)
+    labels = np.r_[np.zeros(n_good, np.int64), np.ones(n_bad, np.int64)]
+    return GroundTruth(labels, model, native_masks), maps.reshape(len(maps), -1).max(axis=1), maps
+
+
+def evaluate_before(gt: GroundTruth, scores: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+    """The four columns the harness had, computed the way its evaluate did."""
+    native = metrics._NativeMaps(maps, [m.shape for m in gt.native_masks])
+    return {
+        "image_auroc": metrics.image_auroc(gt.labels, scores),
+        "pixel_auroc": pixel_auroc(gt.masks, maps),
+        "aupro_model_res": aupro(gt.masks, maps),
+        "aupro": aupro(gt.native_masks, native),
+    }
+
+
+def time_cell(repeats: int, resamples: int) -> None:
+    gt, scores, maps = bottle_like_cell()
+    print(
+        f"cell: {len(gt.labels)} test images ({int(gt.labels.sum())} defective), masks "
+        f"{gt.native_masks[0].shape[0]}x{gt.native_masks[0].shape[1]}, maps {maps.shape[1]}x"
+        f"{maps.shape[2]}; defective pixels {100 * gt.masks.mean():.2f}% at model resolution"
+    )
+    print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    before = evaluate_before(gt, scores, maps)
+    values = metrics.evaluate(gt, scores, maps)
+    same = all(values[k] == v for k, v in before.items())
+    print(f"the four shared columns are bit-identical: {same}")
+    evidence = metrics.evaluate_with_evidence(gt, scores, maps)[1]
+    runs = {
+        "before": lambda: evaluate_before(gt, scores, maps),
+        "evaluate": lambda: metrics.evaluate(gt, scores, maps),
+        "with evidence": lambda: metrics.evaluate_with_evidence(gt, scores, maps),
+        "intervals": lambda: metrics.confidence_intervals(evidence, resamples),
+    }
+    names = list(runs)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - t0)
+    base = np.array(seconds["before"])
+    print(
+        f"{'':15s} {'median s':>9s} {'min s':>7s} {'x before (median of per-repeat ratios)':>40s}"
+    )
+    for name in names:
+        t = np.array(seconds[name])
+        print(f"{name:15s} {np.median(t):9.2f} {t.min():7.2f} {np.median(t / base):40.2f}")
+    phase = np.array(seconds["with evidence"]) + np.array(seconds["intervals"])
+    print(
+        f"{'evidence+CIs':15s} {np.median(phase):9.2f} {phase.min():7.2f} {np.median(phase / base):40.2f}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cell.npz"
+        evidence.save(path)
+        size = path.stat().st_size
+    bins = {p: getattr(evidence, p).ok.shape[1] for p in ("model", "native", "cflow")}
+    print(
+        f"evidence file: {size / 1e6:.2f} MB ({resamples} resamples per interval; grid bins {bins})"
+    )
+    intervals = metrics.confidence_intervals(evidence, resamples)
+    for name, value in values.items():
+        low, high = intervals[f"{name}_lo"], intervals[f"{name}_hi"]
+        print(f"  {name:16s} {value:.4f}  [{low:.4f}, {high:.4f}]")
+
+
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -124,8 +226,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1700)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--check-n", type=int, default=120, help="images in the exactness check")
+    parser.add_argument("--cell", action="store_true", help="time one cell's metric phase")
+    parser.add_argument("--repeats", type=int, default=5, help="--cell: alternating repeats")
+    parser.add_argument("--resamples", type=int, default=1000, help="--cell: bootstrap resamples")
     parser.add_argument("--worker", choices=["pixel_auroc", "aupro"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cell:
+        time_cell(args.repeats, args.resamples)
+        return
     if args.worker:
         worker(args.worker, args.n, args.size)
         return

@@ -49,7 +49,7 @@ def test_identical_rows_in_another_order_pass() -> None:
     shuffled[0]["settings"] = dict(reversed(list(shuffled[0]["settings"].items())))
     result = check_rows(_baseline(ROWS), shuffled)
     assert result.passed
-    assert len(result.comparisons) == 16
+    assert len(result.comparisons) == 36  # 9 metrics x 4 cells; the 5 absent on both sides pass
     assert "PASS: 16 metrics of 4 cells" in format_result(result, Path("b.json"))
 
 
@@ -181,7 +181,7 @@ def test_check_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert len(recorded["cells"]) == 2
 
     assert main(["check", "--baseline", str(baseline), "--out", str(tmp_path / "b")]) == 0
-    assert "PASS: 8 metrics of 2 cells" in capsys.readouterr().out
+    assert "PASS: 18 metrics of 2 cells" in capsys.readouterr().out
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")  # deterministic, bit for bit
 
     recorded["cells"][0]["metrics"]["pixel_auroc"] += 0.1

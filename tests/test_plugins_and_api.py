@@ -87,3 +87,25 @@ def test_api_returns_what_the_cli_writes(data_root: Path, tmp_path: Path) -> Non
 def test_api_rejects_unknown_options() -> None:
     with pytest.raises(bench.errors.BenchError, match="unknown option epoch"):
         bench.run(methods="padim", epoch=3)
+
+
+def test_every_metric_has_bounds_and_tables_can_show_them(data_root: Path, tmp_path: Path) -> None:
+    from bench.metrics import INTERVAL_COLUMNS, METRIC_LABELS
+
+    result = bench.run(
+        methods="padim",
+        data_root=str(data_root),
+        out=str(tmp_path / "ci"),
+        bootstrap=200,
+        table_metrics="image_auroc,image_ap",
+        ci=True,
+        **GRID,
+    )
+    row = result.results.iloc[0]
+    assert set(METRIC_LABELS) | set(INTERVAL_COLUMNS) <= set(result.results.columns)
+    assert row["image_auroc_lo"] <= row["image_auroc"] <= row["image_auroc_hi"]
+    assert (result.folder / "evidence" / f"{row['cell_key']}.npz").is_file()
+    assert "image AP (%)" in result.tables and "pixel AUROC (%)" not in result.tables
+    assert f"{100 * row['image_auroc']:.1f} [" in result.tables
+    with pytest.raises(bench.errors.BenchError, match="--metrics nope"):
+        bench.run(methods="padim", table_metrics="nope")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from bench.errors import BenchError
+from bench.metrics import METRICS as ACCURACY
 from bench.registry import DATASETS
 
 # paper_numbers.md's tags. S and U are marked wherever a number is printed.
@@ -73,9 +74,7 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "image_auroc": Metric("image AUROC", "%", _percent("image_auroc"), True),
-    "pixel_auroc": Metric("pixel AUROC", "%", _percent("pixel_auroc"), True),
-    "aupro": Metric("AUPRO", "%", _percent("aupro"), True),
+    **{m.name: Metric(m.label, "%", _percent(m.name), True) for m in ACCURACY},
     "params_m": Metric("additional params", "M", _params_m, False, 2),
     "fps": Metric("FPS (1000 / end-to-end latency)", "img/s", _fps, False),
     "latency_e2e_ms": Metric(

@@ -78,9 +78,9 @@ def _run_lines(folder: Path) -> list[str]:
     ]
 
 
-def _best_epoch_lines(rows: list[dict[str, Any]]) -> list[str]:
+def _best_epoch_lines(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[str]:
     lines = []
-    for metric in TABLE_METRICS:
+    for metric in metrics:
         table = best_epoch_table(rows, metric)
         if table is not None:
             lines += ["", to_markdown(table, f"{METRIC_LABELS[metric]} (%), best epoch on test")]
@@ -100,12 +100,18 @@ def write_report(
     rows: list[dict[str, Any]],
     failures: Sequence[tuple[str, str]] = (),
     comparisons: Sequence[FilledTable] = (),
+    metrics: Sequence[str] | None = None,
+    ci: bool = False,
 ) -> str:
-    """Tables, paper tables, figures and report.md; returns the result tables' markdown."""
+    """Tables, paper tables, figures and report.md; returns the result tables' markdown.
+
+    ``metrics`` chooses the result tables (default: image AUROC, pixel AUROC, AUPRO);
+    ``ci`` shows each single-seed cell's 95% interval beside it."""
     from bench.report.figures import write_figures
 
     folder = Path(folder)
-    tables = write_tables(results_frame(rows), folder)
+    metrics = list(metrics or TABLE_METRICS)
+    tables = write_tables(results_frame(rows), folder, metrics, ci)
     papers = write_paper_tables(folder, rows, comparisons)
     figures = write_figures(folder, rows)
     lines = [f"# Run {folder.name}", "", *_run_lines(folder), ""]
@@ -115,7 +121,7 @@ def write_report(
     lines.append(
         "Also as [LaTeX](tables.tex), [CSV](tables.csv) and every row in [results.csv](results.csv)."
     )
-    lines += _best_epoch_lines(rows)
+    lines += _best_epoch_lines(rows, metrics)
     lines += ["", "## Published numbers beside ours", ""]
     if not papers:
         datasets = ", ".join(sorted(map(str, {r.get("dataset") for r in rows})))
@@ -136,7 +142,9 @@ def write_report(
     return tables
 
 
-def rebuild_report(folder: Path) -> tuple[str, list[tuple[str, str]]]:
+def rebuild_report(
+    folder: Path, metrics: Sequence[str] | None = None, ci: bool = False
+) -> tuple[str, list[tuple[str, str]]]:
     """``bench report RUN``: everything rebuilt from the store alone."""
     rows, failures = read_store(folder)
-    return write_report(folder, rows, failures), failures
+    return write_report(folder, rows, failures, metrics=metrics, ci=ci), failures

@@ -7,15 +7,18 @@ Values are printed in percent, as the papers print them. A metric a dataset cann
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from bench.errors import BenchError
 from bench.metrics import METRIC_LABELS
 from bench.runner.row import columns
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+"""The tables a run prints unless --metrics names others."""
 MISSING = "–"
 
 
@@ -46,17 +49,21 @@ def _column_name(key: Any) -> str:
     return key if isinstance(key, str) else " / ".join(str(k) for k in key)
 
 
-def _fmt(values: pd.Series) -> str:
+def _fmt(values: pd.Series, bounds: tuple[pd.Series, pd.Series] | None = None) -> str:
+    """Mean (± std over seeds); with ``bounds`` and one value, its interval in brackets."""
     values = values.dropna()
     if values.empty:
         return MISSING
     mean = 100 * values.mean()
     if len(values) < 2:
+        low, high = (None, None) if bounds is None else (b.dropna() for b in bounds)
+        if low is not None and len(low) and len(high):
+            return f"{mean:.1f} [{100 * low.iloc[0]:.1f}, {100 * high.iloc[0]:.1f}]"
         return f"{mean:.1f}"
     return f"{mean:.1f} ± {100 * values.std(ddof=1):.1f}"
 
 
-def metric_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+def metric_table(frame: pd.DataFrame, metric: str, ci: bool = False) -> pd.DataFrame:
     """Rows: categories in run order, then 'mean'; columns: methods; cells: mean ± std."""
     keys = _column_keys(frame)
     categories = list(dict.fromkeys(frame["category"]))
@@ -67,7 +74,11 @@ def metric_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
         part = frame[(frame[keys].apply(tuple, axis=1)) == column]
         cells = {}
         for category in categories:
-            cells[category] = _fmt(part.loc[part["category"] == category, metric].astype(float))
+            here = part.loc[part["category"] == category]
+            bounds = None
+            if ci and f"{metric}_lo" in here:
+                bounds = (here[f"{metric}_lo"].astype(float), here[f"{metric}_hi"].astype(float))
+            cells[category] = _fmt(here[metric].astype(float), bounds)
         per_seed = part.groupby("seed")[metric].apply(lambda s: s.astype(float).mean())
         cells["mean"] = _fmt(per_seed) if part[metric].notna().any() else MISSING
         table[name] = cells
@@ -137,18 +148,34 @@ def numeric_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return out
 
 
-def write_tables(frame: pd.DataFrame, folder: Path) -> str:
-    """Write results.csv, tables.md, tables.tex and tables.csv; return the markdown."""
+def check_metrics(names: list[str]) -> None:
+    unknown = [name for name in names if name not in METRIC_LABELS]
+    if unknown:
+        raise BenchError(
+            f"--metrics {','.join(unknown)}: unknown; known: {', '.join(METRIC_LABELS)}"
+        )
+
+
+def write_tables(
+    frame: pd.DataFrame,
+    folder: Path,
+    metrics: Sequence[str] = TABLE_METRICS,
+    ci: bool = False,
+) -> str:
+    """Write results.csv, tables.md, tables.tex and tables.csv; return the markdown.
+
+    ``metrics`` chooses the tables; ``ci`` adds each single-seed cell's 95% interval."""
+    check_metrics(list(metrics))
     folder.mkdir(parents=True, exist_ok=True)
     frame.to_csv(folder / "results.csv", index=False)
     markdown, latex, numeric, empty = [], [], [], []
-    for metric in TABLE_METRICS:
+    for metric in metrics:
         if metric not in frame:
             continue
         if frame[metric].isna().all():
             empty.append(METRIC_LABELS[metric])
             continue
-        table = metric_table(frame, metric)
+        table = metric_table(frame, metric, ci)
         title = caption(frame, metric)
         markdown.append(to_markdown(table, title))
         latex.append(to_latex(table, title))

@@ -49,11 +49,16 @@ class Cell:
     weights: str
     settings: dict[str, Any]
     eval_every: int = 0  # also evaluate every K epochs during training (0: only at the end)
+    fpr_limit: float = metrics.DEFAULT_FPR_LIMIT  # where every AUPRO column stops
+    bootstrap: int = metrics.DEFAULT_RESAMPLES  # resamples of each confidence interval; 0: none
 
     def _payload(self) -> dict[str, Any]:
+        """Fields at their defaults are left out, so keys of cells from before a field
+        existed stay what they always were."""
         payload = dataclasses.asdict(self)
-        if not self.eval_every:  # keys of cells without it stay what they always were
-            del payload["eval_every"]
+        for name, default in _KEY_DEFAULTS.items():
+            if payload[name] == default:
+                del payload[name]
         return payload
 
     @property
@@ -72,6 +77,14 @@ class Cell:
 
     def label(self) -> str:
         return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}"
+
+
+_KEY_DEFAULTS = {
+    "eval_every": 0,
+    "fpr_limit": metrics.DEFAULT_FPR_LIMIT,
+    "bootstrap": metrics.DEFAULT_RESAMPLES,
+}
+EVIDENCE_KEY = "evidence"  # the row carries the cell's Evidence here until the driver saves it
 
 
 @dataclass(frozen=True)
@@ -274,7 +287,8 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         start = time.perf_counter()
         with preserved_random_state():
             scores, maps = predict_test_set(method, test, maps_shape)
-        history.append({"epoch": epoch, **metrics.evaluate(gt, scores, maps)})
+        values = metrics.evaluate(gt, scores, maps, cell.fpr_limit)
+        history.append({"epoch": epoch, **values})
         evaluating[0] += time.perf_counter() - start
 
     if cell.eval_every:
@@ -291,7 +305,9 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     scores, maps = predict_test_set(method, test, maps_shape)
     sync()
     t3 = time.perf_counter()
-    values = metrics.evaluate(gt, scores, maps)
+    values, evidence = metrics.evaluate_with_evidence(gt, scores, maps, cell.fpr_limit)
+    if cell.bootstrap:
+        values.update(metrics.confidence_intervals(evidence, cell.bootstrap))
     t4 = time.perf_counter()
     n = len(test_images)
     if cell.eval_every and (not history or history[-1]["epoch"] != _epochs_run(method)):
@@ -311,6 +327,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         pretrained=extractor.weights.pretrained,
         input=pre.describe(),
         metrics=values,
+        aupro_fpr_limit=cell.fpr_limit,
         n_train=len(train_samples),
         n_test=n,
         n_anomalous=int(gt.labels.sum()),
@@ -328,6 +345,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     ).to_dict()
     if maps is not None:
         row[examples.EXAMPLES_KEY] = examples.collect(test_samples, pre, gt.masks, maps)
+    row[EVIDENCE_KEY] = evidence
     return row
 
 

@@ -55,6 +55,8 @@ class RunConfig:
     retries: int = 1
     preset: str | None = None
     eval_every: int = 0  # evaluate on the test set every K epochs during training; 0: never
+    fpr_limit: float = 0.3  # the FPR up to which every AUPRO column integrates
+    bootstrap: int = 1000  # resamples of each metric's confidence interval; 0: no intervals
     profile: bool = True  # FLOPs, latency and throughput after each cell's test
     profile_repeats: int = 20
     profile_warmup: int = 2
@@ -78,6 +80,10 @@ class RunConfig:
         DATASETS.entry(self.dataset)
         if not self.seeds:
             raise BenchError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+        if not 0 < self.fpr_limit <= 1:
+            raise BenchError(f"--fpr-limit {self.fpr_limit}: give a false-positive rate in (0, 1]")
+        if self.bootstrap < 0:
+            raise BenchError(f"--bootstrap {self.bootstrap}: give 0 (no intervals) or more")
         if self.eval_every < 0:
             raise BenchError(f"--eval-every {self.eval_every}: give 0 (off) or a positive K")
         for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):

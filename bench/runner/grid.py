@@ -82,6 +82,8 @@ def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
                             weights=config.weights,
                             settings=dataclasses.asdict(settings),
                             eval_every=config.eval_every,
+                            fpr_limit=config.fpr_limit,
+                            bootstrap=config.bootstrap,
                         )
                     )
     return cells

@@ -22,7 +22,7 @@ from bench.registry import METHODS
 from bench.runner.config import SHARED_SETTINGS, RunConfig, load_preset, parse_set
 
 QUICK_PRESET = "quick"
-RUN, CHECK, PAPER, SPEED = "run", "check", "paper", "speed"
+RUN, CHECK, PAPER, SPEED, REPORT = "run", "check", "paper", "speed", "report"
 GRID = frozenset({RUN, CHECK, PAPER})  # what data, how long, where it runs
 CONFIG = frozenset({RUN, CHECK})  # the whole grid description
 PROFILED = frozenset({RUN, CHECK, SPEED})
@@ -122,6 +122,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("eval_every", ("--eval-every",),
            "also evaluate on the test set every K epochs (stored per epoch; tables show the "
            "last epoch)", GRID, int, metavar="K"),
+    Option("fpr_limit", ("--fpr-limit",),
+           "FPR up to which AUPRO integrates (default 0.3; 0.05 is the other common one)",
+           GRID, float),
+    Option("bootstrap", ("--bootstrap",),
+           "resamples of each metric's 95% confidence interval over test images (default "
+           "1000; 0: none)", GRID, int),
     Option("device", ("--device",), "auto (default), cpu, cuda or cuda:N", GRID | {SPEED}),
     Option("workers", ("--workers",), "image-loading worker processes", GRID, int),
     Option("threads", ("--threads",), "torch CPU threads", GRID | {SPEED}, int),
@@ -152,6 +158,12 @@ OPTIONS: tuple[Option, ...] = (
            deprecated=("--warmup",)),
     Option("throughput_batch", ("--throughput-batch",), "images per call for throughput (default 32)",
            PROFILED, int),
+    Option("table_metrics", ("--metrics",),
+           "the result tables to show, e.g. image_auroc,image_ap,pixel_f1max (default: "
+           "image_auroc,pixel_auroc,aupro; every metric is in results.csv either way)",
+           {RUN, REPORT}, csv_list),
+    Option("ci", ("--ci",), "show each single-seed cell's 95% interval: 98.1 [97.4, 98.7]",
+           {RUN, REPORT}, action="store_true"),
     Option("profile", ("--no-profile",),
            "skip FLOPs, latency and throughput (parameters, memory and times stay)", CONFIG,
            action="store_false"),

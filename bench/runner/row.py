@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.metrics import METRIC_LABELS
+from bench.metrics import INTERVAL_COLUMNS, METRIC_LABELS
 
 
 @dataclass
@@ -33,8 +33,9 @@ class ResultRow:
     weights_id: str  # the tag, or the checkpoint's sha256 prefix
     pretrained: bool
     input: str  # the image pipeline, e.g. "resize 256x256 (bilinear)"
-    # accuracy: one entry per metric declared in bench.metrics
+    # accuracy: one entry per metric declared in bench.metrics, and its _lo/_hi bounds
     metrics: dict[str, float | None]
+    aupro_fpr_limit: float
     # the data
     n_train: int
     n_test: int
@@ -87,8 +88,8 @@ class ResultRow:
 
 
 def metric_columns() -> tuple[str, ...]:
-    """Every metric column, in declaration order."""
-    return tuple(METRIC_LABELS)
+    """Every metric column in declaration order, then each one's confidence bounds."""
+    return (*METRIC_LABELS, *INTERVAL_COLUMNS)
 
 
 def columns() -> list[str]:

@@ -19,12 +19,14 @@ from tqdm.auto import tqdm
 from bench.errors import BenchError
 from bench.registry import DATASETS
 from bench.runner import examples
-from bench.runner.cell import Cell, Environment, default_workers, resolve_device
+from bench.runner.cell import EVIDENCE_KEY, Cell, Environment, default_workers, resolve_device
 from bench.runner.config import EXECUTORS, RunConfig
 from bench.runner.executors import Executor, LocalExecutor
 from bench.runner.grid import expand_cells
 from bench.runner.provenance import write_run_json
 from bench.runner.store import ResultStore
+
+EVIDENCE_FOLDER = "evidence"  # per cell: what its confidence intervals and paired tests resample
 
 
 @dataclass
@@ -144,9 +146,13 @@ def run_grid(
     log = CellLog(len(todo), enabled=not env.progress)
 
     def on_result(cell: Cell, row: dict[str, Any]) -> None:
-        examples.save(
-            folder, [t.key for t in twins[cell.key]], row.pop(examples.EXAMPLES_KEY, None)
-        )
+        keys = [t.key for t in twins[cell.key]]
+        examples.save(folder, keys, row.pop(examples.EXAMPLES_KEY, None))
+        evidence = row.pop(EVIDENCE_KEY)
+        for key in keys:
+            target = folder / EVIDENCE_FOLDER / f"{key}.npz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            evidence.save(target)
         for twin in twins[cell.key]:
             store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
             log.finished(twin, row)
