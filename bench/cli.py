@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.runner.options import CHECK, PAPER, REPORT, RUN, SPEED, add_options, given
+from bench.runner.options import (
+    CHECK,
+    PAPER,
+    REPORT,
+    RUN,
+    SPEED,
+    add_options,
+    csv_list,
+    given,
+)
 
 
 def _command(argv: list[str]) -> str:
@@ -67,6 +76,13 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     print(tables)
     _failures(failures)
     print(f"report: {folder / REPORT}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from bench.report.compare import compare_methods
+
+    print(compare_methods(Path(args.run), args.methods, args.metric, args.resamples))
     return 0
 
 
@@ -174,6 +190,21 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="run folder")
     add_options(report, REPORT)
     report.set_defaults(func=cmd_report)
+
+    comparer = sub.add_parser(
+        "compare",
+        parents=[common],
+        help="which differences between two methods of a run are real (paired tests)",
+        description="Paired bootstrap of the difference per category (same test images) and "
+        "sign / Wilcoxon tests over categories, from a run folder's stored evidence.",
+    )
+    comparer.add_argument("run", help="run folder")
+    comparer.add_argument("--methods", type=csv_list, required=True, help="two methods: a,b")
+    comparer.add_argument("--metric", default="image_auroc", help="default image_auroc")
+    comparer.add_argument(
+        "--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)"
+    )
+    comparer.set_defaults(func=cmd_compare)
 
     paper = sub.add_parser(
         PAPER,

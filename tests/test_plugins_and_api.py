@@ -109,3 +109,27 @@ def test_every_metric_has_bounds_and_tables_can_show_them(data_root: Path, tmp_p
     assert f"{100 * row['image_auroc']:.1f} [" in result.tables
     with pytest.raises(bench.errors.BenchError, match="--metrics nope"):
         bench.run(methods="padim", table_metrics="nope")
+
+
+def test_compare_names_real_differences(data_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pair"
+    bench.run(methods="padim,fastflow", epochs=1, data_root=str(data_root), out=str(out), **GRID)
+    assert main(["compare", str(out), "--methods", "padim,fastflow", "--resamples", "200"]) == 0
+    text = capsys.readouterr().out
+    assert "image AUROC: padim − fastflow" in text
+    assert "| bottle | resnet18 | 0 |" in text and "sign test" in text
+    assert main(["compare", str(out), "--methods", "padim,cflow"]) == 2
+
+
+def test_report_ranks_methods_over_five_categories(tmp_path: Path) -> None:
+    from bench.report.compare import method_ranks, ranks_figure
+
+    rows = [
+        {"method": m, "backbone": "resnet18", "category": f"c{i}", "image_auroc": base + i / 100}
+        for m, base in (("a", 0.9), ("b", 0.8), ("c", 0.7))
+        for i in range(5)
+    ]
+    ranks = ranks_figure(rows, tmp_path / "cd.png")
+    assert ranks is not None and (tmp_path / "cd.png").is_file()
+    assert dict(zip(ranks.methods, ranks.mean_ranks, strict=True))["a / resnet18"] == 1.0
+    assert method_ranks(rows[:4] + rows[5:9] + rows[10:14]) is None  # four categories

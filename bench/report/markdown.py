@@ -15,6 +15,7 @@ from bench.errors import BenchError
 from bench.metrics import METRIC_LABELS
 from bench.paper.filled import FilledTable, fill_table, render_markdown, write_filled
 from bench.paper.published import load_table, table_names
+from bench.report.compare import ranks_figure
 from bench.report.tables import (
     BEST_EPOCH_CAPTION,
     TABLE_METRICS,
@@ -95,6 +96,34 @@ def _best_epoch_lines(rows: list[dict[str, Any]], metrics: Sequence[str]) -> lis
     return lines
 
 
+def _rank_lines(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Mean ranks with the Friedman test and the critical-difference diagram (5+ categories)."""
+    ranks = ranks_figure(rows, folder / "figures" / "critical_difference.png")
+    if ranks is None:
+        return []
+    order = sorted(zip(ranks.mean_ranks, ranks.methods, strict=True))
+    friedman = ranks.friedman
+    lines = [
+        "## Ranks across categories",
+        "",
+        f"Image AUROC, {ranks.n_categories} categories; mean rank (1 is best): "
+        + ", ".join(f"{m} {r:.2f}" for r, m in order)
+        + ".",
+        "",
+        (
+            f"Friedman test p = {friedman.p_value:.3g}; "
+            if friedman is not None
+            else "Friedman test: not applicable; "
+        )
+        + f"Nemenyi critical difference {ranks.critical_difference:.2f} at alpha "
+        f"{ranks.alpha}: methods joined by a bar are not significantly different.",
+        "",
+        "![critical-difference diagram](figures/critical_difference.png)",
+        "",
+    ]
+    return lines
+
+
 def write_report(
     folder: Path,
     rows: list[dict[str, Any]],
@@ -131,6 +160,7 @@ def write_report(
             lines += [f"Table {name} {text}", ""]
         else:
             lines += [f"[{name}]({name})", "", text]
+    lines += _rank_lines(folder, rows)
     lines += ["## Figures", ""]
     for figure in figures:
         if figure.path is None:
