@@ -58,6 +58,7 @@ class FastFlowSettings:
     conv3x3_only: bool = False
     epochs: int = 500
     batch_size: int = 32
+    drop_last: bool = False  # FF-REF drops the last incomplete training batch; anomalib keeps it
     lr: float = 1e-3
     weight_decay: float = 1e-5
     early_stop_patience: int = 0  # epochs without a training-loss improvement; 0 = off
@@ -289,11 +290,12 @@ class FastFlow(Method):
     @classmethod
     def default_settings(cls, backbone: str, reference: str) -> FastFlowSettings:
         kind = backbone_spec(backbone).kind
+        drop_last = reference == "original"
         if reference == "original" and backbone in _ORIGINAL:
             size, steps, ratio, only3 = _ORIGINAL[backbone]
-            return FastFlowSettings(size, steps, ratio, only3)
+            return FastFlowSettings(size, steps, ratio, only3, drop_last=drop_last)
         size = backbone_spec(backbone).native_input if kind == "vit" else 256
-        return FastFlowSettings(input_size=size)
+        return FastFlowSettings(input_size=size, drop_last=drop_last)
 
     @classmethod
     def needs(cls, backbone: str, settings: Any) -> list[str]:
@@ -324,6 +326,11 @@ class FastFlow(Method):
             params, lr=s.lr, weight_decay=s.weight_decay, fused=self.device.type in ("cpu", "cuda")
         )
         generator = torch.Generator().manual_seed(self.context.seed)
+        if train.num_batches(s.batch_size, s.drop_last) == 0:
+            raise BenchError(
+                f"fastflow: {len(train)} training images give no full batch of {s.batch_size}; "
+                "lower fastflow.batch_size or set fastflow.drop_last=false"
+            )
         best, stale = math.inf, 0
         bar = tqdm(
             range(s.epochs), desc="fastflow", unit="epoch", disable=not self.context.progress
@@ -331,7 +338,7 @@ class FastFlow(Method):
         for _ in bar:
             total = torch.zeros((), device=self.device)
             count = 0
-            for batch in train.batches(s.batch_size, shuffle=True, generator=generator):
+            for batch in train.batches(s.batch_size, True, generator, s.drop_last):
                 features = [batch[k] for k in self.layers]
                 loss = fastflow_loss(*model(features))
                 optimizer.zero_grad(set_to_none=True)
@@ -351,6 +358,11 @@ class FastFlow(Method):
                     if stale >= s.early_stop_patience:
                         break
         model.eval()
+
+    def additional_parameters(self) -> int:
+        """The paper's "additional parameters": the flows alone. The trainable LayerNorm on
+        CNN features is FF-REF's addition (docs/fastflow_parameters.md)."""
+        return sum(p.numel() for p in self._model.flows.parameters() if p.requires_grad)
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
