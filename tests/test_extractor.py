@@ -246,3 +246,40 @@ def test_identity_tells_paddings_apart():
     assert zeros.identity != reflect.identity
     with pytest.raises(BenchError, match="encoder padding 'circular'"):
         FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32), padding="circular")
+
+
+@pytest.mark.parametrize(
+    "backbone", ["resnet18", pytest.param("wide_resnet50_2", marks=pytest.mark.slow)]
+)
+def test_reflect_extractor_equals_cflow_ads_resnet(backbone):
+    """CFLOW-AD's encoder is torchvision's ResNet with ``padding_mode='reflect'`` on the 7x7
+    stem and on every 3x3 convolution; ours must give its features from the same weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, backbone)(weights=None).eval()
+    for module in theirs.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size in ((7, 7), (3, 3)):
+            module.padding_mode = "reflect"
+    with torch.no_grad():  # running statistics away from their init, as trained weights are
+        for module in theirs.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    layers = ["layer2", "layer3", "layer4"]
+    ours = FeatureExtractor(backbone, layers, "random", input_size=(64, 64), padding="reflect")
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    ours.model.load_state_dict(state)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        x = theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(images))))
+        expected = {}
+        for name in ["layer1", *layers]:
+            x = getattr(theirs, name)(x)
+            expected[name] = x
+        loaded = dict(zip(layers, ours.model(images), strict=True))
+    features = ours(images)  # BatchNorm folded: rounding grows with depth, so relative
+    for layer in layers:
+        torch.testing.assert_close(loaded[layer], expected[layer])
+        scale = expected[layer].abs().max()
+        assert float((features[layer] - expected[layer]).abs().max() / scale) < 1e-5
