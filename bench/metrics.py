@@ -1,7 +1,7 @@
 """Evaluation metrics: image AUROC, pixel AUROC and the official MVTec AD AUPRO.
 
 Every metric is computed on the raw scores. ANOMALIB normalises and clamps scores to [0, 1]
-before its evaluator runs (method_spec.md 5.3); the clamp maps a whole tail of scores onto one
+before its evaluator runs (docs/methods.md); the clamp maps a whole tail of scores onto one
 value, and the ties it creates change both AUROC and AUPRO. So nothing here rescales, clips or
 rounds a score, and callers must not either.
 
@@ -9,7 +9,7 @@ All metrics are exact, with no threshold binning:
 
 * AUROC is the Mann-Whitney statistic with ties counted one half, which is exactly the
   trapezoid area under the ROC curve that ``sklearn.metrics.roc_auc_score`` computes.
-* AUPRO is the all-threshold MVTec AD algorithm (method_spec.md 5.2): 8-connected regions, ties
+* AUPRO is the all-threshold MVTec AD algorithm (docs/methods.md): 8-connected regions, ties
   collapsed, trapezoid integration up to the FPR limit with linear interpolation at the limit,
   divided by the limit.
 
@@ -248,7 +248,7 @@ def aupro(
 ) -> float | None:
     """Area under the per-region-overlap curve up to ``fpr_limit``, divided by the limit.
 
-    The exact official MVTec AD algorithm (method_spec.md 5.2), computed without sorting every
+    The exact official MVTec AD algorithm (docs/methods.md), computed without sorting every
     pixel. Masks and maps are (N, H, W) arrays or sequences of per-image 2-D arrays (native
     resolution, sizes may differ); the maps may be a lazy sequence, read twice. Returns None when
     the masks hold no region or no ok pixel.

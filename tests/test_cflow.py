@@ -1,4 +1,4 @@
-"""CFLOW-AD fidelity checks against method_spec.md sections 3 and 6 (tiny sizes, no reference code)."""
+"""CFLOW-AD fidelity checks against docs/methods.md (tiny sizes, no reference code)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CFLOW-AD: conditional normalising flows on backbone fibers (method_spec.md section 3).
+"""CFLOW-AD: conditional normalising flows on backbone fibers (docs/methods.md).
 
 One conditional flow per pool layer models the density of single feature vectors
 ("fibers") given a 2D sin/cos encoding of their position. Training follows the reference's

@@ -1,4 +1,4 @@
-"""FastFlow (Yu et al. 2021): one 2D normalising flow per feature scale (method_spec.md 2).
+"""FastFlow (Yu et al. 2021): one 2D normalising flow per feature scale (docs/methods.md).
 
 The flow step is FrEIA 0.2's ``AllInOneBlock`` (affine coupling with the tanh clamp, a
 learned SOFTPLUS global affine, a fixed hard permutation) re-written with identical maths
@@ -29,14 +29,14 @@ from bench.methods.base import Method, MethodContext, register_method, register_
 
 CLAMP = 2.0
 
-# FF-REF's per-backbone configs (method_spec.md 2.5): (input, steps, hidden_ratio, conv3x3_only).
+# FF-REF's configs/*.yaml per backbone: (input, steps, hidden_ratio, conv3x3_only).
 _ORIGINAL = {
     "resnet18": (256, 8, 1.0, True),
     "wide_resnet50_2": (256, 8, 1.0, False),
     "deit_base_distilled_patch16_384": (384, 20, 0.16, False),
     "cait_m48_448": (448, 20, 0.16, False),
 }
-# Transformer layer FastFlow reads: the paper's "block index" (method_spec.md 2.1).
+# Transformer layer FastFlow reads: the paper's "block index" (FF-REF's fastflow.py).
 _VIT_BLOCK = {"deit_base_distilled_patch16_384": 7, "cait_m48_448": 40}
 # Feature (channels, stride) per scale of the supported backbones, to count parameters
 # without building a backbone.
@@ -238,7 +238,7 @@ def anomaly_map(latents: list[Tensor], output_size: tuple[int, int]) -> Tensor:
 
 
 def port_reference_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map an anomalib or FF-REF FastFlow state dict to ``FastFlowModel`` (method_spec.md 2.7).
+    """Map an anomalib or FF-REF FastFlow state dict to ``FastFlowModel``.
 
     anomalib's ``fast_flow_blocks`` and FF-REF's ``nf_flows`` become ``flows``; anomalib
     versions that pad with ZeroPad2d put the subnet convs at indices 1 and 4 (0 and 2 here).
@@ -263,7 +263,12 @@ def _shapes(context: MethodContext, layers: list[str]) -> list[tuple[int, int, i
 
 @register_method("fastflow")
 class FastFlow(Method):
-    """FastFlow with FF-REF's (``original``) or anomalib's per-backbone defaults."""
+    """FastFlow with FF-REF's (``original``) or anomalib's per-backbone defaults.
+
+    The references differ in weights, resnet18's kernels, the transformers' flow size and
+    whether the last incomplete training batch is dropped (``drop_last``); docs/methods.md
+    lists them with the files they come from.
+    """
 
     Settings = FastFlowSettings
 

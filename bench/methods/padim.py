@@ -1,6 +1,6 @@
 """PaDiM: one Gaussian per feature-map position, scored by Mahalanobis distance.
 
-Faithful to method_spec.md section 4. ``original`` follows the authors' de-facto reference
+docs/methods.md describes both references. ``original`` follows the de-facto reference code
 (resize 256 with Lanczos, centre crop 224, the ``random.seed(1024)`` channel subset, a
 half-sample-symmetric blur border); ``anomalib`` follows anomalib (no crop, bilinear
 resize, ``torch.randperm`` subset, the extra 1e-5 on the diagonal, a mirror blur border).
