@@ -2,8 +2,8 @@
 
 Every method asks for named layers ("layer1".."layer4" for CNNs, "blocks.K" for
 transformers) and gets a dict of (B, C, H, W) tensors. The backbone is built once per
-(backbone, weights, input size), frozen, and kept in eval mode so BatchNorm uses its
-running statistics, as every reference does.
+(backbone, weights, input size, padding), frozen, and kept in eval mode so BatchNorm uses
+its running statistics, as every reference does.
 """
 
 from __future__ import annotations
