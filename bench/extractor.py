@@ -2,8 +2,8 @@
 
 Every method asks for named layers ("layer1".."layer4" for CNNs, "blocks.K" for
 transformers) and gets a dict of (B, C, H, W) tensors. The backbone is built once per
-(backbone, weights, input size), frozen, and kept in eval mode so BatchNorm uses its
-running statistics, as every reference does.
+(backbone, weights, input size, padding), frozen, and kept in eval mode so BatchNorm uses
+its running statistics, as every reference does.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ from bench.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
-# Where a reference took its ImageNet weights from (method_spec.md 1.2). Methods name one
+# Where a reference took its ImageNet weights from (docs/methods.md). Methods name one
 # of these per reference; the backbone spec turns it into an explicit timm tag.
 PROVENANCES = ("torchvision", "timm-0.5.4", "timm")
 WEIGHT_POLICIES = ("auto", "imagenet", "random")
+# How the backbone's padded convolutions fill their border: timm's zeros, or the reflection
+# of CFLOW-AD's own ResNet copy (docs/methods.md).
+PADDINGS = ("zeros", "reflect")
 RANDOM_INIT_SEED = 0
 
 
@@ -202,11 +205,15 @@ class FeatureExtractor(nn.Module):
         weights: str = "auto",
         provenance: str = "timm",
         input_size: tuple[int, int] = (256, 256),
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
         self.spec = backbone_spec(backbone)
         self.layers = list(layers)
         self.input_size = tuple(input_size)
+        if padding not in PADDINGS:
+            raise BenchError(f"encoder padding '{padding}': expected one of {', '.join(PADDINGS)}")
+        self.padding = padding
         if self.spec.kind == "vit" and self.input_size != (self.spec.native_input,) * 2:
             n = self.spec.native_input
             raise BenchError(
@@ -218,6 +225,7 @@ class FeatureExtractor(nn.Module):
         # or reuses a cached one.
         with torch.random.fork_rng(devices=[]):
             self.model, self.weights = self._build(weights, provenance)
+        _set_padding(self.model, padding)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -227,6 +235,18 @@ class FeatureExtractor(nn.Module):
         self.channels = {k: v.shape[1] for k, v in probe.items()}
         self.shapes = {k: tuple(v.shape[2:]) for k, v in probe.items()}
         self.strides = {k: self.input_size[0] // v.shape[2] for k, v in probe.items()}
+
+    @property
+    def identity(self) -> tuple:
+        """Everything that changes the features: two extractors with equal identities give
+        the same maps, so a cache keyed by it never mixes, say, zero and reflect padding."""
+        return (
+            self.spec.name,
+            tuple(self.layers),
+            self.weights.ident,
+            self.input_size,
+            self.padding,
+        )
 
     def _create(
         self, pretrained: bool, tag: str | None = None, overlay: dict | None = None
@@ -355,6 +375,15 @@ class FeatureExtractor(nn.Module):
             if len(out) == len(wanted):
                 break
         return out
+
+
+def _set_padding(model: nn.Module, padding: str) -> None:
+    """Every convolution that pads (the 7x7 stem and each 3x3) pads with ``padding``; 1x1
+    convolutions and the max-pool do not pad with values, so they are unchanged. BatchNorm
+    folding copies each convolution whole, ``padding_mode`` included."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.padding not in ("valid", (0, 0)):
+            module.padding_mode = padding
 
 
 def _fold_batchnorm(model: nn.Module) -> nn.Module:

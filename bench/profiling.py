@@ -201,6 +201,16 @@ def random_images(extractor: FeatureExtractor, batch: int, device: torch.device)
     return torch.randn(batch, 3, *extractor.input_size, generator=generator).to(device)
 
 
+def method_size(method: Method) -> dict[str, int]:
+    """Trainable parameters, the paper's "additional parameters" (FastFlow: flows without
+    the LayerNorm) and the bytes of the model kept for testing (PaDiM: its Gaussians)."""
+    return {
+        "params_head": method.trainable_parameters(),
+        "params_additional": method.additional_parameters(),
+        "model_bytes": method.model_bytes(),
+    }
+
+
 def profile_inference(
     method: Method,
     extractor: FeatureExtractor,
@@ -232,7 +242,7 @@ def profile_inference(
         return method.predict_batch(extractor(batch))
 
     row: dict[str, Any] = {
-        "params_head": method.trainable_parameters(),
+        **method_size(method),
         "params_backbone": count_parameters(extractor),
         "flops_head": count_flops(head_single),
         "flops_backbone": count_flops(lambda: extractor(single)),
@@ -279,7 +289,7 @@ def cell_costs(
     costs: dict[str, Any] = {
         **peak.read(),
         "train_seconds_per_epoch": train_seconds_per_epoch(method, fit_seconds),
-        "params_head": method.trainable_parameters(),
+        **method_size(method),
         "params_backbone": count_parameters(extractor),
         "dtype": parameter_dtype(extractor),
     }

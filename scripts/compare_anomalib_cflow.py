@@ -13,7 +13,7 @@ raw scores and maps (bench) and anomalib's own test metrics (anomalib). Per-batc
 normalisation makes both depend on how the test set is batched, so small AUROC gaps are
 expected even with identical models.
 
-    python scripts/compare_anomalib_cflow.py --data-root /work/shared/data/mvtec \\
+    python scripts/compare_anomalib_cflow.py --data-root /data/mvtec_ad \\
         --category bottle --anomalib-python /work/anovenv/bin/python
 """
 

@@ -10,7 +10,7 @@ Adam 1e-3 / 1e-5) on the first N training images of one MVTec-layout category:
   separate interpreter (``--anomalib-python``), since anomalib is no dependency of bench.
 Latency is per image at batch 1, end to end (image tensor -> backbone -> map), after warm-up.
 
-    python scripts/compare_anomalib_fastflow.py --data-root /work/shared/data/mvtec \\
+    python scripts/compare_anomalib_fastflow.py --data-root /data/mvtec_ad \\
         --category bottle --anomalib-python /work/anovenv/bin/python
 """
 

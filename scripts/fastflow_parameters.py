@@ -1,8 +1,9 @@
-"""Print FastFlow's trainable-parameter table per backbone (FF-REF settings, method_spec 2.6).
+"""Print FastFlow's trainable-parameter table per backbone (FF-REF settings).
 
 Counts come from the model built on the meta device from known feature shapes, so no
 backbone is built and no weights are needed. The paper column is the "additional params"
-figure of paper_numbers.md 1.5/1.6 (or why there is none).
+figure with its status tag from bench/paper/fastflow-ablation.csv and
+fastflow-complexity.csv (or why there is none).
 
     python scripts/fastflow_parameters.py
 """

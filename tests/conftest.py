@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MVTec AD sample in ../shared (skipped when absent)."""
+"""Shared fixtures, among them real MVTec AD images named by ``FLOWAD_MVTEC_SAMPLE``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
+# A folder in MVTec AD's layout holding the categories bottle and bottle_xs (bottle with five
+# training images); the tests that read real images skip without it.
+MVTEC_SAMPLE = os.environ.get("FLOWAD_MVTEC_SAMPLE", "")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -16,9 +18,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def shared_mvtec() -> Path:
     """Folder holding real MVTec AD categories (bottle, bottle_xs)."""
-    if not (SHARED_MVTEC / "bottle_xs").is_dir():
-        pytest.skip("../shared/data/mvtec is absent")
-    return SHARED_MVTEC
+    if not MVTEC_SAMPLE or not (Path(MVTEC_SAMPLE) / "bottle_xs").is_dir():
+        pytest.skip("set FLOWAD_MVTEC_SAMPLE to a folder holding MVTec AD's bottle and bottle_xs")
+    return Path(MVTEC_SAMPLE)
 
 
 @pytest.fixture

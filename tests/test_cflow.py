@@ -1,4 +1,4 @@
-"""CFLOW-AD fidelity checks against method_spec.md sections 3 and 6 (tiny sizes, no reference code)."""
+"""CFLOW-AD fidelity checks against docs/methods.md (tiny sizes, no reference code)."""
 
 from __future__ import annotations
 
@@ -357,3 +357,44 @@ def test_eval_chunk_only_bounds_memory() -> None:
 def test_counts_must_be_positive(name: str) -> None:
     with pytest.raises(BenchError, match=rf"cflow\.{name} must be positive, got 0"):
         CFlow(tiny_settings("anomalib", **{name: 0}), context("anomalib"))
+
+
+def test_encoder_padding_per_reference() -> None:
+    for backbone in ("resnet18", "wide_resnet50_2"):
+        original = CFlow.default_settings(backbone, "original")
+        assert CFlow.encoder_padding(backbone, original) == "reflect"
+        anomalib = CFlow.default_settings(backbone, "anomalib")
+        assert CFlow.encoder_padding(backbone, anomalib) == "zeros"
+    # the authors take any other encoder from timm, which pads with zeros
+    other = CFlow.default_settings("efficientnet_b5", "original")
+    assert CFlow.encoder_padding("efficientnet_b5", other) == "zeros"
+    bad = dataclasses.replace(CFlow.default_settings("resnet18", "original"), encoder_padding="x")
+    with pytest.raises(BenchError, match="cflow.encoder_padding=x"):
+        CFlow.encoder_padding("resnet18", bad)
+    with pytest.raises(BenchError, match="cflow.encoder_padding=x"):
+        CFlow(bad, context("original"))
+
+
+def test_idle_decoders_keep_moving_as_under_pytorch_1() -> None:
+    """``original`` zeroes gradients in place: after its first step a decoder is updated at
+    every later step; anomalib's ``set_to_none`` updates only the decoder that trains."""
+    steps = {}
+    for reference in ("original", "anomalib"):
+        settings = tiny_settings(reference, pool_layers=2)
+        assert settings.zero_grad_to_none is (reference == "anomalib")
+        method = CFlow(settings, context(reference))
+        params = [p for p in method.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params)
+        before = [d.module_list[0].global_offset.clone() for d in method.model.decoders]
+        method._train_batch(
+            next(random_features(4).batches(4)), optimizer, torch.Generator().manual_seed(0)
+        )
+        first, second = (d.module_list[0].global_offset for d in method.model.decoders)
+        assert not torch.equal(first, before[0]) and not torch.equal(second, before[1])
+        steps[reference] = [
+            int(optimizer.state[d.module_list[0].global_offset]["step"])
+            for d in method.model.decoders
+        ]
+    # layer3: 64 fibers, layer4: 16, in fiber batches of 8
+    assert steps["anomalib"] == [8, 2]
+    assert steps["original"] == [10, 2]

@@ -166,3 +166,120 @@ def test_cached_features_keep_image_order_across_micro_batches(tmp_path):
             torch.testing.assert_close(cached.tensors[layer], value, rtol=1e-4, atol=1e-5)
         (batch,) = cached.batches(len(images))
         assert batch["layer3"].shape == (len(images), 256, *ex.shapes["layer3"])
+
+
+def _active_resnet18(padding: str, size: int) -> FeatureExtractor:
+    """resnet18 with random weights whose residual branches are switched on (timm zeroes
+    the last BatchNorm scale of each block, which hides everything but the stem)."""
+    ex = FeatureExtractor(
+        "resnet18", ["layer1"], "random", input_size=(size, size), padding=padding
+    )
+    state = ex.model.state_dict()
+    ex.model.load_state_dict(
+        {k: torch.ones_like(v) if k.endswith("bn2.weight") else v for k, v in state.items()}
+    )
+    return ex
+
+
+def test_reflect_and_zero_padding_differ_at_the_border_only():
+    zeros, reflect = _active_resnet18("zeros", 96), _active_resnet18("reflect", 96)
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    a, b = zeros(images)["layer1"], reflect(images)["layer1"]
+    # The stem pads 2 rows of layer1 (stride 4), each of layer1's four 3x3 convolutions one
+    # more: positions 6 or more from the edge never see a padded value.
+    torch.testing.assert_close(a[..., 6:-6, 6:-6], b[..., 6:-6, 6:-6], rtol=1e-5, atol=1e-5)
+    for edge in (a[..., 0, :] - b[..., 0, :], a[..., -1, :] - b[..., -1, :]):
+        assert float(edge.abs().max()) > 1e-2
+    for ex, mode in ((zeros, "zeros"), (reflect, "reflect")):
+        convs = [m for m in ex.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert {m.padding_mode for m in convs} == {mode}
+
+
+def _reflect_index(i: int, n: int) -> int:
+    """Reflection without repeating the edge sample: -1 -> 1, n -> n - 2."""
+    return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+
+
+def test_reflect_stem_matches_a_hand_computation():
+    ex = FeatureExtractor("resnet18", ["layer1"], "random", input_size=(32, 32), padding="reflect")
+    x = torch.randn(1, 3, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stem = ex.model.conv1.double()
+    weight = stem.weight.detach()  # (64, 3, 7, 7), stride 2, padding 3
+    with torch.no_grad():
+        out = stem(x)
+    n = x.shape[-1]
+    for row, col in ((0, 0), (0, 4), (2, 1), (4, 4)):
+        expected = torch.zeros(64, dtype=torch.float64)
+        for i in range(7):
+            for j in range(7):
+                y = _reflect_index(2 * row + i - 3, n)
+                z = _reflect_index(2 * col + j - 3, n)
+                expected += weight[:, :, i, j] @ x[0, :, y, z]
+        torch.testing.assert_close(out[0, :, row, col], expected)
+
+
+def test_folded_copy_keeps_reflect_padding():
+    ex = _active_resnet18("reflect", 64)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ex.model(images)[0]
+    torch.testing.assert_close(ex(images)["layer1"], expected, rtol=1e-4, atol=1e-5)
+    folded = ex._cnn_for_inference()
+    convs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert all(m.padding_mode == "reflect" for m in convs if m.padding != (0, 0))
+    assert sum(m.padding_mode == "reflect" for m in convs) == 5  # the stem and four 3x3
+    downsample = FeatureExtractor(
+        "resnet18", ["layer2"], "random", input_size=(32, 32), padding="reflect"
+    )
+    one_by_one = [m for m in downsample.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {m.kernel_size for m in one_by_one if m.padding_mode == "zeros"} == {(1, 1)}
+
+
+def test_identity_tells_paddings_apart():
+    zeros = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
+    again = FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32))
+    reflect = FeatureExtractor(
+        "resnet18", ["layer2"], "random", input_size=(32, 32), padding="reflect"
+    )
+    assert zeros.identity == again.identity
+    assert zeros.identity != reflect.identity
+    with pytest.raises(BenchError, match="encoder padding 'circular'"):
+        FeatureExtractor("resnet18", ["layer2"], "random", input_size=(32, 32), padding="circular")
+
+
+@pytest.mark.parametrize(
+    "backbone", ["resnet18", pytest.param("wide_resnet50_2", marks=pytest.mark.slow)]
+)
+def test_reflect_extractor_equals_cflow_ads_resnet(backbone):
+    """CFLOW-AD's encoder is torchvision's ResNet with ``padding_mode='reflect'`` on the 7x7
+    stem and on every 3x3 convolution; ours must give its features from the same weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, backbone)(weights=None).eval()
+    for module in theirs.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size in ((7, 7), (3, 3)):
+            module.padding_mode = "reflect"
+    with torch.no_grad():  # running statistics away from their init, as trained weights are
+        for module in theirs.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    layers = ["layer2", "layer3", "layer4"]
+    ours = FeatureExtractor(backbone, layers, "random", input_size=(64, 64), padding="reflect")
+    state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    ours.model.load_state_dict(state)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        x = theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(images))))
+        expected = {}
+        for name in ["layer1", *layers]:
+            x = getattr(theirs, name)(x)
+            expected[name] = x
+        loaded = dict(zip(layers, ours.model(images), strict=True))
+    features = ours(images)  # BatchNorm folded: rounding grows with depth, so relative
+    for layer in layers:
+        torch.testing.assert_close(loaded[layer], expected[layer])
+        scale = expected[layer].abs().max()
+        assert float((features[layer] - expected[layer]).abs().max() / scale) < 1e-5

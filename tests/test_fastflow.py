@@ -1,4 +1,4 @@
-"""FastFlow fidelity (method_spec.md 2 and 6): the flow maths, counts, training, ViT path."""
+"""FastFlow fidelity (docs/methods.md): the flow maths, counts, training, ViT path."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import Tensor, nn
 
+from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
 from bench.methods.base import MethodContext, apply_overrides
@@ -26,6 +27,7 @@ from bench.methods.fastflow import (
     fastflow_loss,
     subnet,
 )
+from bench.profiling import method_size
 from bench.registry import METHODS
 
 CPU = torch.device("cpu")
@@ -148,7 +150,8 @@ def test_zero_latent_map_is_minus_one() -> None:
 
 
 SPEC_COUNTS = {
-    # backbone: (flows alternating, flows 3x3-only, LayerNorm)  -- method_spec.md 2.6
+    # backbone: (flows alternating, flows 3x3-only, LayerNorm): 3C + h (1 + 1.5 C k^2) per
+    # step with h = int(hidden_ratio C / 2), 2 C H W per LayerNorm (docs/fastflow_parameters.md)
     "resnet18": (2_593_024, 4_657_408, 917_504),
     "wide_resnet50_2": (41_337_856, 74_368_000, 3_670_016),
     "deit_base_distilled_patch16_384": (7_074_500, 12_696_260, 0),
@@ -312,7 +315,7 @@ def test_transformer_path_shapes(backbone: str, monkeypatch) -> None:
         flow_steps=2,
         hidden_ratio=0.5,
         epochs=1,
-        batch_size=2,
+        batch_size=1,
     )
     layers = FastFlow.needs(backbone, settings)
     size = settings.input_size
@@ -339,3 +342,48 @@ def test_transformer_path_shapes(backbone: str, monkeypatch) -> None:
     method.fit(features)
     scores, maps = method.predict_batch(next(features.batches(1)))
     assert maps.shape == (1, size, size) and scores.shape == (1,)
+
+
+class _RecordingFeatures(CachedFeatures):
+    """Cached features that note the size of every batch they hand out."""
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        super().__init__(tensors, CPU)
+        self.sizes: list[int] = []
+
+    def batches(self, batch_size, shuffle=False, generator=None, drop_last=False):
+        for batch in super().batches(batch_size, shuffle, generator, drop_last):
+            self.sizes.append(next(iter(batch.values())).shape[0])
+            yield batch
+
+
+def test_original_drops_the_last_incomplete_batch() -> None:
+    assert FastFlow.default_settings("resnet18", "original").drop_last
+    assert FastFlow.default_settings("cait_m48_448", "original").drop_last
+    assert not FastFlow.default_settings("resnet18", "anomalib").drop_last
+    context = _context()
+    sizes = {}
+    for drop_last in (True, False):
+        features = _RecordingFeatures(_random_features(context, 10).tensors)
+        FastFlow(_tiny_settings(epochs=2, drop_last=drop_last), context).fit(features)
+        sizes[drop_last] = features.sizes
+    assert sizes[True] == [4, 4, 4, 4]
+    assert sizes[False] == [4, 4, 2, 4, 4, 2]
+    with pytest.raises(BenchError, match="fastflow.drop_last=false"):
+        FastFlow(_tiny_settings(drop_last=True, batch_size=16), context).fit(
+            _random_features(context, 10)
+        )
+
+
+def test_additional_parameters_are_the_flows_alone() -> None:
+    """The paper's figure leaves out FF-REF's LayerNorm: ResNet18, 3x3-only, 256 input."""
+    settings = FastFlow.default_settings("resnet18", "original")
+    channels = {"layer1": 64, "layer2": 128, "layer3": 256}
+    shapes = {"layer1": (64, 64), "layer2": (32, 32), "layer3": (16, 16)}
+    method = FastFlow(settings, _context(channels=channels, shapes=shapes, output_size=(256, 256)))
+    size = method_size(method)
+    assert size["params_additional"] == method.additional_parameters() == 4_657_408
+    assert size["params_head"] == method.trainable_parameters() == 4_657_408 + 917_504
+    # kept for testing: every tensor of the state dict, the one-hot permutations included
+    permutations = 2 * 8 * (64**2 + 128**2 + 256**2)
+    assert size["model_bytes"] == 4 * (4_657_408 + 917_504 + permutations)

@@ -15,6 +15,7 @@ from bench.errors import BenchError
 from bench.features import CachedFeatures
 from bench.methods.base import MethodContext, apply_overrides
 from bench.methods.padim import Padim, channel_subset, gaussian_blur
+from bench.profiling import method_size
 
 
 def _context(channels=(4, 6, 8), grid=(8, 8), output=(32, 32), backbone="tiny"):
@@ -171,3 +172,27 @@ def test_needs_two_training_images():
     )
     with pytest.raises(BenchError, match="two training images"):
         padim.fit(CachedFeatures(_features(context, 1), torch.device("cpu")))
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "gigabytes"),
+    [((56, 56), 224, 3.79), ((64, 64), 256, 4.96)],  # the original's 224 crop, anomalib's 256
+)
+def test_model_bytes_are_the_stored_gaussians(grid, size, gigabytes):
+    """WR50-Rd550: HW x 550^2 float32 inverse covariances and 550 x HW means."""
+    context = dataclasses.replace(
+        _context(channels=(256, 512, 1024), grid=grid, output=(size, size)),
+        backbone="wide_resnet50_2",
+        device=torch.device("meta"),
+    )
+    with torch.device("meta"):  # shapes only: 3.8 GB is never allocated
+        method = Padim(Padim.default_settings("wide_resnet50_2", "original"), context)
+    positions = grid[0] * grid[1]
+    inverse_covariances = positions * 550 * 550 * 4
+    assert round(inverse_covariances / 1e9, 2) == gigabytes
+    assert method.model_bytes() == inverse_covariances + 550 * positions * 4
+    assert method_size(method) == {
+        "params_head": 0,
+        "params_additional": 0,
+        "model_bytes": method.model_bytes(),
+    }

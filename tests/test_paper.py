@@ -308,3 +308,44 @@ def test_cflow_mvtec_runs_each_wrn50_category_at_its_paper_input_size() -> None:
     assert sizes[("wide_resnet50_2", "bottle")] == 512
     assert {s for (b, _), s in sizes.items() if b == "resnet18"} == {256}
     assert len({s for (b, _), s in sizes.items() if b == "wide_resnet50_2"}) == 3
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_TABLES))
+def test_rows_of_ours_name_registered_methods(name: str) -> None:
+    """A row that can hold our numbers matches a method this harness has; rows of methods
+    it lacks (PatchCore, SPADE, CFLOW-AD on DeiT) are published-only."""
+    from bench.registry import METHODS
+
+    table = load_table(name)
+    methods = {m for grid in table.grids for m in grid["methods"]}
+    backbones = set(table.backbones)
+    for row in table.rows:
+        if not row.ours:
+            assert not row.match
+            continue
+        method = row.match.get("method", row.match.get("base_method"))
+        if method is not None:
+            assert method in METHODS.names(), (name, row.id)
+            assert method in methods or method in {METHODS.entry(m).meta["base"] for m in methods}
+        if "backbone" in row.match:
+            assert row.match["backbone"] in backbones, (name, row.id)
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_TABLES))
+def test_notes_are_sentences_that_stand_alone(name: str) -> None:
+    """Notes are shown to whoever clones the repository: plain sentences, pointing at
+    nothing outside it."""
+    table = load_table(name)
+    for note in table.notes:
+        assert isinstance(note, str)
+        assert "paper_numbers" not in note and "method_spec" not in note
+    if table.dataset == "mvtec" and any(c.metric == "image_auroc" for c in table.columns):
+        assert any(note.startswith("Image score:") for note in table.notes), name
+
+
+def test_a_number_printed_twice_has_one_tag() -> None:
+    """FastFlow's pixel AUROC per backbone appears in the backbone and complexity tables."""
+    backbones, complexity = load_table("fastflow-backbones"), load_table("fastflow-complexity")
+    for row, twin in (("deit", "deit-fastflow"), ("resnet18", "r18-fastflow")):
+        one, other = backbones.published(row, "pixel"), complexity.published(twin, "pixel")
+        assert (one.text, one.status) == (other.text, other.status) == (one.text, "X")

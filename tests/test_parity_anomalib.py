@@ -1,4 +1,4 @@
-"""Weight-ported parity with anomalib's FastflowModel (method_spec.md 2.7 and 6.7).
+"""Weight-ported parity with anomalib's FastflowModel (docs/methods.md).
 
 anomalib is never a dependency of the project: the reference runs in the interpreter named
 by ``ANOMALIB_PYTHON`` (a separate environment), saves its weights, input and outputs, and
@@ -20,7 +20,10 @@ from bench.methods.base import MethodContext
 from bench.methods.fastflow import FastFlow, FastFlowSettings, port_reference_state
 
 ANOMALIB_PYTHON = os.environ.get("ANOMALIB_PYTHON")
-TOLERANCE = 1e-5
+# Relative to the reference's largest magnitude (``relative_difference``), for every
+# backbone. Latents and log-determinants pass through every flow step and sum over
+# thousands of positions, so they keep fewer digits than the maps.
+TOLERANCE = {"map": 1e-5, "score": 1e-5, "latent": 1e-4, "log_det": 1e-4}
 
 pytestmark = [
     pytest.mark.anomalib,
@@ -101,32 +104,39 @@ def _max_differences(backbone: str, size: int, conv3x3_only: bool, folder: Path)
         latents, log_dets = method.model([features[k] for k in layers])
     # The comparison means something only if the maps vary (random weights can saturate them).
     assert float(maps.std()) > 1e-3
-    return {
-        "map": float((maps - ref["maps"][:, 0]).abs().max()),
-        "score": float((scores - ref["maps"].amax(dim=(1, 2, 3))).abs().max()),
-        "latent": max(
-            float((a - b).abs().max()) for a, b in zip(latents, ref["latents"], strict=True)
-        ),
-        "log_det_rel": max(
-            float(((a - b).abs() / b.abs()).max())
-            for a, b in zip(log_dets, ref["log_dets"], strict=True)
-        ),
+    pairs = {
+        "map": [(maps, ref["maps"][:, 0])],
+        "score": [(scores, ref["maps"].amax(dim=(1, 2, 3)))],
+        "latent": list(zip(latents, ref["latents"], strict=True)),
+        "log_det": list(zip(log_dets, ref["log_dets"], strict=True)),
     }
+    for name, pair in pairs.items():
+        absolute = max(float((a - b).abs().max()) for a, b in pair)
+        scale = max(float(b.abs().max()) for _, b in pair)
+        print(f"{backbone} {name}: max |difference| {absolute:.3g}, max |reference| {scale:.3g}")
+    return {name: max(relative_difference(a, b) for a, b in pair) for name, pair in pairs.items()}
+
+
+def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """The largest difference over the reference's largest magnitude.
+
+    Float32 kernels round differently from one CPU to another (AVX2 or AVX-512 paths), and
+    the flows carry those differences through every step in proportion to the values:
+    wide_resnet50_2's latents are far larger than resnet18's. A bound relative to each
+    quantity's scale serves every backbone and machine where an absolute one cannot.
+    """
+    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 @pytest.mark.parametrize("conv3x3_only", [False, True], ids=["alternating", "conv3x3_only"])
 def test_resnet18_maps_match_anomalib(conv3x3_only: bool, tmp_path: Path) -> None:
     diff = _max_differences("resnet18", 64, conv3x3_only, tmp_path)
-    print(f"resnet18 conv3x3_only={conv3x3_only}: {diff}")
-    assert diff["map"] <= TOLERANCE
-    assert diff["score"] <= TOLERANCE
-    assert diff["latent"] <= 1e-4
-    assert diff["log_det_rel"] <= 1e-5
+    print(f"resnet18 conv3x3_only={conv3x3_only}, relative: {diff}")
+    assert all(diff[name] <= bound for name, bound in TOLERANCE.items()), diff
 
 
 @pytest.mark.slow
 def test_wide_resnet50_maps_match_anomalib(tmp_path: Path) -> None:
     diff = _max_differences("wide_resnet50_2", 64, False, tmp_path)
-    print(f"wide_resnet50_2 alternating: {diff}")
-    assert diff["map"] <= TOLERANCE
-    assert diff["score"] <= TOLERANCE
+    print(f"wide_resnet50_2 alternating, relative: {diff}")
+    assert all(diff[name] <= bound for name, bound in TOLERANCE.items()), diff

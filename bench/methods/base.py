@@ -75,6 +75,12 @@ class Method(ABC):
         return "timm"
 
     @classmethod
+    def encoder_padding(cls, backbone: str, settings: Any) -> str:
+        """How the backbone's padded convolutions fill the border: ``zeros`` (timm) or
+        ``reflect``. Part of the extractor's identity, so features are never shared across."""
+        return "zeros"
+
+    @classmethod
     def train_augmentation(cls, settings: Any, reference: str) -> Augment | None:
         """A random transform applied to each resized training image (before normalising),
         or None. It must draw only from the generator it is called with. When set, the
@@ -114,6 +120,16 @@ class Method(ABC):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def additional_parameters(self) -> int:
+        """What the method's paper counts as its "additional parameters" beside the frozen
+        backbone; the trainable ones unless the paper counts differently."""
+        return self.trainable_parameters()
+
+    def model_bytes(self) -> int:
+        """Bytes of the fitted model the method keeps for testing: every tensor of its state
+        dict unless the paper counts a smaller part."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def init_untrained(self) -> None:
         """Stand-in fitted state, so ``predict_batch`` does its real work without a fit

@@ -1,4 +1,4 @@
-"""CFLOW-AD: conditional normalising flows on backbone fibers (method_spec.md section 3).
+"""CFLOW-AD: conditional normalising flows on backbone fibers (docs/methods.md).
 
 One conditional flow per pool layer models the density of single feature vectors
 ("fibers") given a 2D sin/cos encoding of their position. Training follows the reference's
@@ -33,6 +33,10 @@ LOG_SQRT_2PI = -0.9189385332046727  # ln(1 / sqrt(2 pi))
 NORMALISATIONS = ("test-set", "batch")
 LR_SCHEDULES = ("cosine-warmup", "constant")
 RESAMPLES = ("lanczos", "bilinear")
+PADDINGS = ("reflect", "zeros")
+# The encoders the authors build from their own ResNet copy, whose padded convolutions
+# reflect the border; every other encoder of theirs comes from timm, which pads with zeros.
+REFLECT_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2")
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,8 @@ class CFlowSettings:
     rotation_degrees: float = 5.0
     normalisation: str = "test-set"
     resample: str = "lanczos"
-    zero_grad_to_none: bool = True
+    zero_grad_to_none: bool = False  # PyTorch < 2 zeroed gradients in place
+    encoder_padding: str = "reflect"
 
 
 def positional_encoding_2d(size: int, height: int, width: int) -> Tensor:
@@ -379,11 +384,19 @@ class CFlow(Method):
     is 1, so ``epochs`` counts plain passes (anomalib's max 50; its early stopping on the
     test set's pixel AUROC is not reproduced).
 
-    zero_grad: ``zero_grad(set_to_none=True)`` (PyTorch >= 2) leaves the decoders of the
-    other layers without gradients, so Adam skips them. CF-REF ran on PyTorch 1.8, where
-    zeroed gradients let Adam keep moving those decoders with their old momentum; set
-    ``zero_grad_to_none=False`` to reproduce that (much slower: every step updates all
-    decoders).
+    zero_grad: one Adam holds every decoder, and each fiber batch trains one of them.
+    CF-REF calls ``zero_grad()``, which under the PyTorch it was written for (< 2) zeroes
+    gradients in place: once a decoder has had its first gradient, Adam updates it at every
+    later step with its decaying momentum, also while another layer's decoder trains.
+    ``original`` reproduces that (``zero_grad_to_none=False``); anomalib runs on PyTorch 2,
+    whose ``zero_grad`` sets gradients to None so Adam skips the idle decoders. It matters
+    after each switch of layer (about the next 20 steps, while the momentum decays) and
+    costs time: every step updates all decoders (81.6M parameters for wide_resnet50_2
+    instead of the 5.5M of the layer2 decoder that trains most steps).
+
+    Encoder padding: CF-REF's ResNets (its own copy of torchvision's) pad the 7x7 stem and
+    every 3x3 convolution by reflection, not with zeros; ``encoder_padding`` selects it and
+    the runner builds a matching extractor.
 
     Test chunking: both references decode test fibers in chunks of ``fiber_batch`` (keeping
     the last partial chunk). Rows are decoded independently, so the chunk only bounds
@@ -412,7 +425,8 @@ class CFlow(Method):
         if reference not in REFERENCES:
             raise BenchError(f"unknown reference '{reference}'; known: {', '.join(REFERENCES)}")
         if reference == "original":
-            return CFlowSettings()
+            padding = "reflect" if backbone in REFLECT_ENCODERS else "zeros"
+            return CFlowSettings(encoder_padding=padding)
         return CFlowSettings(
             fiber_batch=64,
             fold_remainder=True,
@@ -426,6 +440,8 @@ class CFlow(Method):
             rotation_degrees=0.0,
             normalisation="batch",
             resample="bilinear",
+            zero_grad_to_none=True,
+            encoder_padding="zeros",
         )
 
     @classmethod
@@ -442,6 +458,17 @@ class CFlow(Method):
     @classmethod
     def weights_provenance(cls, backbone: str, reference: str) -> str:
         return "torchvision" if reference == "original" else "timm"
+
+    @classmethod
+    def encoder_padding(cls, backbone: str, settings: CFlowSettings) -> str:
+        """The authors' ResNets reflect at every padded convolution; anomalib's timm
+        encoder pads with zeros."""
+        if settings.encoder_padding not in PADDINGS:
+            raise BenchError(
+                f"cflow.encoder_padding={settings.encoder_padding}: expected one of "
+                f"{', '.join(PADDINGS)}"
+            )
+        return settings.encoder_padding
 
     @classmethod
     def train_augmentation(cls, settings: CFlowSettings, reference: str) -> RandomRotation | None:
@@ -619,6 +646,7 @@ def _validate(settings: CFlowSettings) -> None:
         "normalisation": (settings.normalisation, NORMALISATIONS),
         "lr_schedule": (settings.lr_schedule, LR_SCHEDULES),
         "resample": (settings.resample, RESAMPLES),
+        "encoder_padding": (settings.encoder_padding, PADDINGS),
     }
     for name, (value, allowed) in checks.items():
         if value not in allowed:

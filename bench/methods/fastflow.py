@@ -1,4 +1,4 @@
-"""FastFlow (Yu et al. 2021): one 2D normalising flow per feature scale (method_spec.md 2).
+"""FastFlow (Yu et al. 2021): one 2D normalising flow per feature scale (docs/methods.md).
 
 The flow step is FrEIA 0.2's ``AllInOneBlock`` (affine coupling with the tanh clamp, a
 learned SOFTPLUS global affine, a fixed hard permutation) re-written with identical maths
@@ -29,14 +29,14 @@ from bench.methods.base import Method, MethodContext, register_method, register_
 
 CLAMP = 2.0
 
-# FF-REF's per-backbone configs (method_spec.md 2.5): (input, steps, hidden_ratio, conv3x3_only).
+# FF-REF's configs/*.yaml per backbone: (input, steps, hidden_ratio, conv3x3_only).
 _ORIGINAL = {
     "resnet18": (256, 8, 1.0, True),
     "wide_resnet50_2": (256, 8, 1.0, False),
     "deit_base_distilled_patch16_384": (384, 20, 0.16, False),
     "cait_m48_448": (448, 20, 0.16, False),
 }
-# Transformer layer FastFlow reads: the paper's "block index" (method_spec.md 2.1).
+# Transformer layer FastFlow reads: the paper's "block index" (FF-REF's fastflow.py).
 _VIT_BLOCK = {"deit_base_distilled_patch16_384": 7, "cait_m48_448": 40}
 # Feature (channels, stride) per scale of the supported backbones, to count parameters
 # without building a backbone.
@@ -58,6 +58,7 @@ class FastFlowSettings:
     conv3x3_only: bool = False
     epochs: int = 500
     batch_size: int = 32
+    drop_last: bool = False  # FF-REF drops the last incomplete training batch; anomalib keeps it
     lr: float = 1e-3
     weight_decay: float = 1e-5
     early_stop_patience: int = 0  # epochs without a training-loss improvement; 0 = off
@@ -237,7 +238,7 @@ def anomaly_map(latents: list[Tensor], output_size: tuple[int, int]) -> Tensor:
 
 
 def port_reference_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map an anomalib or FF-REF FastFlow state dict to ``FastFlowModel`` (method_spec.md 2.7).
+    """Map an anomalib or FF-REF FastFlow state dict to ``FastFlowModel``.
 
     anomalib's ``fast_flow_blocks`` and FF-REF's ``nf_flows`` become ``flows``; anomalib
     versions that pad with ZeroPad2d put the subnet convs at indices 1 and 4 (0 and 2 here).
@@ -262,7 +263,12 @@ def _shapes(context: MethodContext, layers: list[str]) -> list[tuple[int, int, i
 
 @register_method("fastflow")
 class FastFlow(Method):
-    """FastFlow with FF-REF's (``original``) or anomalib's per-backbone defaults."""
+    """FastFlow with FF-REF's (``original``) or anomalib's per-backbone defaults.
+
+    The references differ in weights, resnet18's kernels, the transformers' flow size and
+    whether the last incomplete training batch is dropped (``drop_last``); docs/methods.md
+    lists them with the files they come from.
+    """
 
     Settings = FastFlowSettings
 
@@ -289,11 +295,12 @@ class FastFlow(Method):
     @classmethod
     def default_settings(cls, backbone: str, reference: str) -> FastFlowSettings:
         kind = backbone_spec(backbone).kind
+        drop_last = reference == "original"
         if reference == "original" and backbone in _ORIGINAL:
             size, steps, ratio, only3 = _ORIGINAL[backbone]
-            return FastFlowSettings(size, steps, ratio, only3)
+            return FastFlowSettings(size, steps, ratio, only3, drop_last=drop_last)
         size = backbone_spec(backbone).native_input if kind == "vit" else 256
-        return FastFlowSettings(input_size=size)
+        return FastFlowSettings(input_size=size, drop_last=drop_last)
 
     @classmethod
     def needs(cls, backbone: str, settings: Any) -> list[str]:
@@ -324,6 +331,11 @@ class FastFlow(Method):
             params, lr=s.lr, weight_decay=s.weight_decay, fused=self.device.type in ("cpu", "cuda")
         )
         generator = torch.Generator().manual_seed(self.context.seed)
+        if train.num_batches(s.batch_size, s.drop_last) == 0:
+            raise BenchError(
+                f"fastflow: {len(train)} training images give no full batch of {s.batch_size}; "
+                "lower fastflow.batch_size or set fastflow.drop_last=false"
+            )
         best, stale = math.inf, 0
         bar = tqdm(
             range(s.epochs), desc="fastflow", unit="epoch", disable=not self.context.progress
@@ -331,7 +343,7 @@ class FastFlow(Method):
         for epoch in bar:
             total = torch.zeros((), device=self.device)
             count = 0
-            for batch in train.batches(s.batch_size, shuffle=True, generator=generator):
+            for batch in train.batches(s.batch_size, True, generator, s.drop_last):
                 features = [batch[k] for k in self.layers]
                 loss = fastflow_loss(*model(features))
                 optimizer.zero_grad(set_to_none=True)
@@ -352,6 +364,11 @@ class FastFlow(Method):
                     if stale >= s.early_stop_patience:
                         break
         model.eval()
+
+    def additional_parameters(self) -> int:
+        """The paper's "additional parameters": the flows alone. The trainable LayerNorm on
+        CNN features is FF-REF's addition (docs/fastflow_parameters.md)."""
+        return sum(p.numel() for p in self._model.flows.parameters() if p.requires_grad)
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
