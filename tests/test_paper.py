@@ -12,7 +12,7 @@ from bench.cli import main
 from bench.errors import BenchError
 from bench.paper.filled import fill_table, render_markdown
 from bench.paper.grids import grid_configs
-from bench.paper.published import STATUSES, load_table, table_names
+from bench.paper.published import METRICS, STATUSES, load_table, table_names
 from bench.registry import DATASETS
 from bench.runner.cell import Cell
 from bench.runner.grid import expand_cells
@@ -349,3 +349,12 @@ def test_a_number_printed_twice_has_one_tag() -> None:
     for row, twin in (("deit", "deit-fastflow"), ("resnet18", "r18-fastflow")):
         one, other = backbones.published(row, "pixel"), complexity.published(twin, "pixel")
         assert (one.text, one.status) == (other.text, other.status) == (one.text, "X")
+
+
+def test_padim_memory_column_is_the_stored_gaussians_beside_process_peak() -> None:
+    table = load_table("cflow-complexity")
+    metrics = {c.id: c.metric for c in table.columns}
+    assert metrics["memory"] == "model_gb" and metrics["peak"] == "peak_memory_gb"
+    row = {"model_bytes": 3_790_000_000, "peak_memory_mb": 2048.0}
+    assert METRICS["model_gb"].value(row) == pytest.approx(3.79)
+    assert METRICS["peak_memory_gb"].value(row) == pytest.approx(2.0)

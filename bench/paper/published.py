@@ -45,7 +45,7 @@ def _percent(key: str) -> Callable[[dict], float | None]:
 
 
 def _params_m(row: dict) -> float | None:
-    value = row.get("params_head", row.get("trainable_params"))
+    value = row.get("params_additional") or row.get("params_head", row.get("trainable_params"))
     return None if value is None else float(value) / 1e6
 
 
@@ -83,6 +83,7 @@ METRICS: dict[str, Metric] = {
     "latency_head_ms": Metric(
         "head latency, batch 1", "ms", _scaled("latency_head_ms", 1.0), False, 2
     ),
+    "model_gb": Metric("stored model", "GB", _scaled("model_bytes", 1e-9), False, 2),
     "peak_memory_gb": Metric("peak memory", "GB", _scaled("peak_memory_mb", 1 / 1024), False, 2),
 }
 
@@ -128,7 +129,6 @@ class PaperTable:
     name: str
     title: str
     paper: str
-    section: str
     dataset: str
     grids: list[dict[str, Any]]
     row_header: str
@@ -244,7 +244,6 @@ def load_table(name: str) -> PaperTable:
         name=name,
         title=spec["title"],
         paper=spec["paper"],
-        section=spec.get("section", ""),
         dataset=dataset,
         grids=grids,
         row_header=spec.get("row_header", "row"),

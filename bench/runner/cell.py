@@ -130,12 +130,14 @@ def get_extractor(
     provenance: str,
     input_size: tuple[int, int],
     device: str,
+    padding: str = "zeros",
 ) -> FeatureExtractor:
-    """Built once per (backbone, layers, weights, input size) per process, then reused."""
-    key = (backbone, tuple(layers), weights, provenance, input_size, device)
+    """Built once per (backbone, layers, weights, input size, padding) per process, then
+    reused: a zero-padded backbone's features never reach a cell that asked for reflection."""
+    key = (backbone, tuple(layers), weights, provenance, input_size, device, padding)
     if key not in _EXTRACTORS:
         _EXTRACTORS.clear()  # one backbone in memory at a time
-        extractor = FeatureExtractor(backbone, layers, weights, provenance, input_size)
+        extractor = FeatureExtractor(backbone, layers, weights, provenance, input_size, padding)
         _EXTRACTORS[key] = extractor.to(device)
     return _EXTRACTORS[key]
 
@@ -175,6 +177,7 @@ def build_method(cell: Cell, env: Environment) -> tuple[Method, FeatureExtractor
         cls.weights_provenance(cell.backbone, cell.reference),
         pre.output_size,
         env.device,
+        cls.encoder_padding(cell.backbone, settings),
     )
     context = MethodContext(
         backbone=cell.backbone,

@@ -52,6 +52,8 @@ class ResultRow:
     peak_memory_scope: str | None = None
     train_seconds_per_epoch: float | None = None
     params_head: int | None = None
+    params_additional: int | None = None  # what the method's paper counts beside the backbone
+    model_bytes: int | None = None  # the fitted model kept for testing (PaDiM: its Gaussians)
     params_backbone: int | None = None
     dtype: str | None = None
     flops_head: float | None = None
