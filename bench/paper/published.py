@@ -22,7 +22,8 @@ from bench.errors import BenchError
 from bench.metrics import METRICS as ACCURACY
 from bench.registry import DATASETS
 
-# paper_numbers.md's tags. S and U are marked wherever a number is printed.
+# Status tags of every published number: P primary, X cross-checked, S single secondary
+# source, U doubtful. S and U are marked wherever a number is printed.
 STATUSES = {
     "P": "primary",
     "X": "cross-checked",
