@@ -26,6 +26,7 @@ ISSUE_TABLES = {
     "cflow-mvtec",
     "cflow-complexity",
     "padim-mvtec",
+    "msflow-mvtec",
 }
 
 
