@@ -28,6 +28,7 @@ ISSUE_TABLES = {
     "cflow-mvtec",
     "cflow-complexity",
     "padim-mvtec",
+    "msflow-mvtec",
 }
 
 
