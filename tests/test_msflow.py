@@ -39,7 +39,7 @@ from bench.methods.msflow import (
     top_k_count,
     top_k_score,
 )
-from bench.published import STATUSES, load_table
+from bench.paper.published import STATUSES, load_table
 from bench.registry import DATASETS
 
 CPU = torch.device("cpu")

@@ -61,7 +61,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench.datasets.base import Preprocess
+from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import FeatureSource
@@ -717,7 +717,7 @@ class MSFlow(Method):
         self._frozen = None  # fused Adam steps leave the version counters unchanged
         generator = torch.Generator().manual_seed(self.context.seed)
         bar = tqdm(range(s.epochs), desc="msflow", unit="epoch", disable=not self.context.progress)
-        for _ in bar:
+        for epoch in bar:
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             count = 0
             for _ in range(s.sub_epochs):
@@ -735,6 +735,8 @@ class MSFlow(Method):
                     scheduler.step()
             self.history.append(float(total) / max(count, 1))
             bar.set_postfix(loss=f"{self.history[-1]:.4g}")
+            self.epoch_done(epoch + 1)
+            self._frozen = None  # an evaluation may have built it from this epoch's weights
         model.eval()
 
     def frozen(self) -> FrozenMSFlow:
