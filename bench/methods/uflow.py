@@ -339,7 +339,7 @@ class UFlow(Method):
                 "or set uflow.nfa=off"
             )
         self.history: list[float] = []
-        self._nfa_stats: list[list[Tensor]] = []
+        self._nfa_stats: list[list[uflow_nfa.ScaleStats]] = []
         generator = torch.Generator().manual_seed(context.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
@@ -447,7 +447,7 @@ class UFlow(Method):
         out = {"nfa_log_threshold": float(s.nfa_log_threshold)}
         if s.nfa == "off" or masks is None:
             return out
-        count = sum(stats[0].shape[0] for stats in self._nfa_stats)
+        count = sum(stats[0].maps.shape[0] for stats in self._nfa_stats)
         if count != len(masks) or (maps is not None and len(maps) != count):
             raise BenchError(
                 f"uflow: the last predict pass saw {count} test images, but {len(masks)} masks "
