@@ -7,6 +7,12 @@ latent, the first is upsampled (an invertible 2x2 pixel shuffle, FrEIA's
 stage's input. The anomaly map is one minus the mean over scales of the bilinearly
 upsampled per-scale likelihood exp(-mean_c z^2 / 2). The a-contrario threshold
 (log NFA = 0) lives in ``bench.methods.uflow_nfa``.
+
+How it is computed, against both references (FrEIA's graph): the permutations are index
+gathers instead of one-hot 1x1 convolutions, the steps run on channels-last rows with a
+hand-written backward pass for their elementwise part, and tanh(x) is computed as
+2 sigmoid(2x) - 1. These change values by float32 rounding only (about 1e-6; maps agree
+with anomalib 2.7 to 4e-7).
 """
 
 from __future__ import annotations
@@ -98,12 +104,11 @@ class UFlowModel(nn.Module):
         """Latents (finest first, (B, C, H, W) views of channels-last data) and the
         log-determinant per image.
 
-        The same mathematics as the flow steps' ``forward`` (FrEIA's order of operations),
-        run on channels-last rows (B*H*W, C): channel splits, concatenations and
-        permutations act on contiguous rows, the convolutions take the rows as NHWC
-        images without a copy, and each step's elementwise part is one autograd node
-        with a hand-written backward pass (``_StepTail``). Values agree with FrEIA's
-        graph to float32 rounding.
+        The mathematics of the flow steps' ``forward``, run on channels-last rows
+        (B*H*W, C): channel splits, concatenations and permutations act on contiguous
+        rows, the convolutions take the rows as NHWC images without a copy, and each
+        step's elementwise part is one autograd node with a hand-written backward pass
+        (``_StepTail``). Values and gradients agree with FrEIA's graph to about 1e-6.
         """
         rows = [self._rows(i, f) for i, f in enumerate(features)]
         x = rows[-1]
@@ -195,43 +200,46 @@ class _StepTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1, x2, a, raw_scale, offset, perm, sizes, clamp, batch):  # noqa: ANN001, ANN205
+        rows, c1 = x1.shape
         c2 = x2.shape[1]
         # tanh(0.1 a) as 2 sigmoid(0.2 a) - 1: PyTorch's CPU tanh is several times slower
         th = torch.sigmoid(a[:, :c2] * 0.2).mul_(2).sub_(1)
         e = torch.exp(th * clamp)
         y2 = torch.addcmul(a[:, c2:] * 0.1, x2, e)
         g = 0.1 * F.softplus(raw_scale, beta=0.5)
-        u = torch.cat((x1, y2), 1)
-        ug = torch.addcmul(offset, u, g)
-        rows = u.shape[0]
+        ug = torch.empty(rows, c1 + c2, dtype=x1.dtype, device=x1.device)
+        torch.addcmul(offset[:c1], x1, g[:c1], out=ug[:, :c1])
+        torch.addcmul(offset[c1:], y2, g[c1:], out=ug[:, c1:])
         outputs = [ug.gather(1, index.expand(rows, -1)) for index in perm.split(sizes)]
-        pixels = rows // batch
-        log_det = th.view(batch, -1).sum(1) * clamp + pixels * torch.log(g).sum()
-        ctx.save_for_backward(u, th, e, x2, g, raw_scale, perm)
-        ctx.clamp, ctx.batch = clamp, batch
+        log_det = th.view(batch, -1).sum(1) * clamp + (rows // batch) * torch.log(g).sum()
+        ctx.save_for_backward(x1, y2, th, e, x2, g, raw_scale, perm)
+        ctx.clamp, ctx.batch, ctx.sizes = clamp, batch, sizes
         return (*outputs, log_det)
 
     @staticmethod
     def backward(ctx, *grads):  # noqa: ANN001, ANN205
         *grad_outputs, grad_log_det = grads
-        u, th, e, x2, g, raw_scale, perm = ctx.saved_tensors
-        rows, channels = u.shape
-        c2 = x2.shape[1]
-        c1 = channels - c2
-        grad_ug = torch.empty_like(u)
-        grad_ug.scatter_(1, perm.expand(rows, -1), torch.cat(grad_outputs, 1))
+        x1, y2, th, e, x2, g, raw_scale, perm = ctx.saved_tensors
+        (rows, c1), c2, batch = x1.shape, x2.shape[1], ctx.batch
+        grad_ug = torch.empty(rows, c1 + c2, dtype=x1.dtype, device=x1.device)
+        for grad, index in zip(grad_outputs, perm.split(ctx.sizes), strict=True):
+            grad_ug.scatter_(1, index.expand(rows, -1), grad)
         grad_offset = grad_ug.sum(0)
-        grad_g = (grad_ug * u).sum(0) + (rows // ctx.batch) * grad_log_det.sum() / g
+        grad_g = torch.cat(((grad_ug[:, :c1] * x1).sum(0), (grad_ug[:, c1:] * y2).sum(0)))
+        grad_g += (rows // batch) * grad_log_det.sum() / g
         grad_raw = grad_g * 0.1 * torch.sigmoid(0.5 * raw_scale)
         grad_u = grad_ug.mul_(g)
         grad_y2 = grad_u[:, c1:]
         grad_x2 = grad_y2 * e
-        grad_a = torch.empty(rows, 2 * c2, dtype=u.dtype, device=u.device)
+        grad_a = torch.empty(rows, 2 * c2, dtype=x1.dtype, device=x1.device)
         torch.mul(grad_y2, 0.1, out=grad_a[:, c2:])
-        grad_s = grad_x2 * x2
-        grad_s.view(ctx.batch, -1, c2).add_(grad_log_det.view(-1, 1, 1))
-        torch.mul(grad_s, 1 - th * th, out=grad_a[:, :c2])
-        grad_a[:, :c2].mul_(0.1 * ctx.clamp)
+        # d log p / d s = dy2 * x2 * e + d log_det, per image; d s / d a = 0.1 clamp (1 - th^2)
+        grad_s = torch.addcmul(
+            grad_log_det.view(-1, 1, 1), grad_x2.view(batch, -1, c2), x2.view(batch, -1, c2)
+        ).view(rows, c2)
+        scale = 0.1 * ctx.clamp
+        slope = torch.addcmul(th.new_tensor(scale), th, th, value=-scale)
+        torch.mul(grad_s, slope, out=grad_a[:, :c2])
         return grad_u[:, :c1], grad_x2, grad_a, grad_raw, grad_offset, None, None, None, None
 
 
@@ -285,15 +293,14 @@ def port_reference_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
         elif key.startswith("flow.module_list.") and not key.endswith(".downsample_kernel"):
             index, name = key[len("flow.module_list.") :].split(".", 1)
             blocks.setdefault(int(index), {})[name] = value
-    ordered = [blocks[i] for i in sorted(blocks)]
-    sizes = [v["global_scale"].shape[1] for v in ordered]
+    indices = sorted(blocks)
     stage, step = 0, 0
-    for position, block in enumerate(ordered):
-        for name, value in block.items():
+    for position, index in enumerate(indices):
+        if position and index != indices[position - 1] + 1:  # split, up, concat in between
+            stage, step = stage + 1, 0
+        for name, value in blocks[index].items():
             ported[f"stages.{stage}.module_list.{step}.{name}"] = value
         step += 1
-        if position + 1 < len(ordered) and sizes[position + 1] != sizes[position]:
-            stage, step = stage + 1, 0
     return ported
 
 
@@ -309,13 +316,15 @@ class UFlow(Method):
     falls back to 25000); ``configs/mvtec_default.yaml``'s batch 8 and lr 1e-4 for 200
     epochs, which its trainer runs as 201. The per-category configs (lr, batch, epochs)
     are in ``bench/paper/uflow-mvtec.yaml``. Its image score is the maximum of the map
-    resized to 256 (the size at which it evaluates). Not reproduced: its early stopping
-    and checkpoint choice on the test set's pixel AUROC, AUPRO and mIoU.
+    resized to 256, the size at which it evaluates everything; our pixel metrics and
+    NFA segmentation use the model resolution instead. Not reproduced: its early
+    stopping and checkpoint choice on the test set's pixel AUROC, AUPRO and mIoU.
 
     ``anomalib`` follows anomalib 2.7's Uflow: its pre-processor resizes every input to
     448; lr 1e-3, the same weight decay and schedule, batch 32 (its datamodule's
     default), 50 epochs (its last shipped config); the image score is the maximum of the
-    map at the input size.
+    map at the input size. anomalib resizes float tensors with torchvision's antialiased
+    resize; here, as for every method, the PIL image is resized bilinearly.
 
     The NFA threshold (``extra_metrics``): ``original`` uses the U-Flow code's tree of
     upper level sets, ``anomalib`` the binomial window test of anomalib's
@@ -328,6 +337,9 @@ class UFlow(Method):
         super().__init__(settings, context)
         if settings.nfa not in NFA_KINDS:
             raise BenchError(f"uflow.nfa={settings.nfa}: expected one of {', '.join(NFA_KINDS)}")
+        for name in ("flow_steps", "batch_size", "epochs", "lr_decay_epochs"):
+            if getattr(settings, name) < 1:
+                raise BenchError(f"uflow.{name} must be positive, got {getattr(settings, name)}")
         self.layers = self.needs(context.backbone, settings)
         missing = [layer for layer in self.layers if layer not in context.channels]
         if missing:
@@ -453,8 +465,13 @@ class UFlow(Method):
                 f"uflow: the last predict pass saw {count} test images, but {len(masks)} masks "
                 "were given; call extra_metrics right after predict"
             )
+        masks = torch.as_tensor(np.asarray(masks))
         size = tuple(masks.shape[-2:])
-        log_nfa = torch.cat([uflow_nfa.log_nfa(stats, s.nfa, size) for stats in self._nfa_stats])
-        return out | uflow_nfa.segmentation_iou(
-            log_nfa, torch.as_tensor(np.asarray(masks)), s.nfa_log_threshold
-        )
+        parts, start = [], 0
+        for stats in self._nfa_stats:
+            log_nfa = uflow_nfa.log_nfa(stats, s.nfa, size)
+            stop = start + log_nfa.shape[0]
+            parts.append(uflow_nfa.overlaps(log_nfa, masks[start:stop], s.nfa_log_threshold))
+            start = stop
+        intersection, union = (torch.cat(values) for values in zip(*parts, strict=True))
+        return out | uflow_nfa.iou_summary(intersection, union)

@@ -71,15 +71,24 @@ def log_nfa(stats: list[ScaleStats], kind: str, size: tuple[int, int]) -> Tensor
     return _binomial_log_nfa(stats, size)
 
 
-def segmentation_iou(log_nfa: Tensor, masks: Tensor, threshold: float = 0.0) -> dict[str, float]:
-    """Detections log NFA < threshold against masks > 0: mean per-image IoU (an image
-    with neither counts 1, as in the U-Flow code) and the IoU of all pixels pooled."""
+def overlaps(log_nfa: Tensor, masks: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per image, the pixel counts of intersection and union of the detections
+    (log NFA < threshold) with the masks (> 0)."""
     detected = (log_nfa < threshold).flatten(1)
     truth = (masks > 0).flatten(1)
-    inter = (detected & truth).sum(1).double()
-    union = (detected | truth).sum(1).double()
-    pooled = float(inter.sum() / union.sum()) if union.sum() > 0 else 1.0
-    return {"nfa_miou": float(((inter + EPS) / (union + EPS)).mean()), "nfa_iou": pooled}
+    return (detected & truth).sum(1).double(), (detected | truth).sum(1).double()
+
+
+def iou_summary(intersection: Tensor, union: Tensor) -> dict[str, float]:
+    """Mean per-image IoU (an image with neither detection nor defect counts 1, as in the
+    U-Flow code) and the IoU of all pixels pooled."""
+    pooled = float(intersection.sum() / union.sum()) if union.sum() > 0 else 1.0
+    return {"nfa_miou": float(((intersection + EPS) / (union + EPS)).mean()), "nfa_iou": pooled}
+
+
+def segmentation_iou(log_nfa: Tensor, masks: Tensor, threshold: float = 0.0) -> dict[str, float]:
+    """``iou_summary`` of ``overlaps``: the segmentation's IoUs over a set of images."""
+    return iou_summary(*overlaps(log_nfa, masks, threshold))
 
 
 def log_number_of_tests(region_sizes: list[int]) -> float:
