@@ -20,6 +20,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F  # noqa: N812
 from huggingface_hub import try_to_load_from_cache
 from torch import Tensor, nn
 
@@ -48,6 +49,9 @@ class BackboneSpec:
     imagenet_tags: dict[str, str] = field(default_factory=dict)
     native_input: int | None = None  # transformers only accept their own input size
     prefix_tokens: int = 0  # tokens before the patch grid (cls, dist) in the ViT path
+    # A composite: these registered transformers side by side, each fed the image resized
+    # (bicubic, corners aligned) to its own input; layers are named "<part>.blocks.K".
+    parts: tuple[str, ...] = ()
 
     def tag_for(self, provenance: str) -> str:
         if provenance in self.imagenet_tags:
@@ -102,6 +106,28 @@ _register(
         {p: f"{_CAIT}.fb_dist_in1k" for p in PROVENANCES},
         native_input=448,
         prefix_tokens=0,
+    )
+)
+
+
+_CAIT_S = "cait_s24_224"
+_register(
+    BackboneSpec(
+        _CAIT_S,
+        "vit",
+        {p: f"{_CAIT_S}.fb_dist_in1k" for p in PROVENANCES},
+        native_input=224,
+        prefix_tokens=0,
+    )
+)
+# U-Flow's MS-CaiT: CaiT-M48 on the 448 image and CaiT-S24 on it resized to 224.
+_register(
+    BackboneSpec(
+        "mcait",
+        "vit",
+        {p: f"{_CAIT}.fb_dist_in1k+{_CAIT_S}.fb_dist_in1k" for p in PROVENANCES},
+        native_input=448,
+        parts=(_CAIT, _CAIT_S),
     )
 )
 
@@ -279,6 +305,8 @@ class FeatureExtractor(nn.Module):
         return self._create(True, tag)
 
     def _build(self, weights: str, provenance: str) -> tuple[nn.Module, WeightsInfo]:
+        if self.spec.parts:
+            return self._build_parts(weights, provenance)
         if weights == "random":
             torch.manual_seed(RANDOM_INIT_SEED)
             model = self._create(False)
@@ -330,6 +358,38 @@ class FeatureExtractor(nn.Module):
         model.load_state_dict(usable)
         return model, WeightsInfo("path", str(path), _sha256(path), True)
 
+    def _build_parts(self, weights: str, provenance: str) -> tuple[nn.Module, WeightsInfo]:
+        """A composite: one extractor per part that a layer names, their models in a
+        ModuleList (state-dict keys ``0.*``, ``1.*`` in the order of ``spec.parts``)."""
+        if weights not in WEIGHT_POLICIES:
+            raise BenchError(
+                f"--weights {weights}: the composite backbone {self.spec.name} takes "
+                f"{', '.join(WEIGHT_POLICIES)}, not a checkpoint file"
+            )
+        wanted: dict[str, list[str]] = {}
+        for layer in self.layers:
+            part, _, block = layer.partition(".")
+            if part not in self.spec.parts:
+                raise BenchError(
+                    f"{self.spec.name} layers are named <part>.blocks.K with a part in "
+                    f"{', '.join(self.spec.parts)}; got '{layer}'"
+                )
+            wanted.setdefault(part, []).append(block)
+        self._parts = tuple(
+            FeatureExtractor(
+                part, wanted[part], weights, provenance, (backbone_spec(part).native_input,) * 2
+            )
+            for part in self.spec.parts
+            if part in wanted
+        )
+        infos = [part.weights for part in self._parts]
+        return nn.ModuleList(part.model for part in self._parts), WeightsInfo(
+            weights,
+            " + ".join(info.source for info in infos),
+            "+".join(info.ident for info in infos),
+            all(info.pretrained for info in infos),
+        )
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stays in eval mode whatever the caller asks: the backbone is frozen."""
         return super().train(False)
@@ -337,6 +397,8 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         self.model.eval()
+        if self.spec.parts:
+            return self._parts_forward(images)
         if self.spec.kind == "cnn":
             maps = self._cnn_for_inference()(images.contiguous(memory_format=torch.channels_last))
             return dict(zip(self.layers, maps, strict=True))
@@ -354,6 +416,15 @@ class FeatureExtractor(nn.Module):
         if self._inference is None or self._inference[0] != key:
             self._inference = (key, _fold_batchnorm(self.model))
         return self._inference[1]
+
+    def _parts_forward(self, images: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for part in self._parts:
+            x = images
+            if part.input_size != self.input_size:
+                x = F.interpolate(images, size=part.input_size, mode="bicubic", align_corners=True)
+            out.update({f"{part.spec.name}.{k}": v for k, v in part(x).items()})
+        return {layer: out[layer] for layer in self.layers}
 
     def _vit_forward(self, images: Tensor) -> dict[str, Tensor]:
         """Patch tokens after block K and the model's own final norm, as a 2D grid."""

@@ -29,6 +29,7 @@ ISSUE_TABLES = {
     "cflow-complexity",
     "padim-mvtec",
     "msflow-mvtec",
+    "uflow-mvtec",
 }
 
 
@@ -64,7 +65,8 @@ def _grid_cells(name: str, categories: list[str] | None = None, **overrides: Any
     table = load_table(name)
     cells = []
     for config in grid_configs(table, overrides, Path("unused")):
-        wanted = categories or list(DATASETS.get(config.dataset).categories)
+        listed = config.categories if config.categories not in (["all"], []) else None
+        wanted = categories or listed or list(DATASETS.get(config.dataset).categories)
         cells += expand_cells(config, wanted)
     return cells
 

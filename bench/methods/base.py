@@ -113,6 +113,12 @@ class Method(ABC):
         self.context.on_epoch(epoch)
         self.model.train(training)
 
+    def extra_metrics(self, maps: Any, masks: Any) -> dict[str, float]:
+        """Outputs of the method's own beyond scores and maps (U-Flow: its unsupervised
+        threshold and the IoU there), given the last ``predict``'s maps (N, H, W) and the
+        model-resolution masks (None without masks); each becomes a column of its row."""
+        return {}
+
     @property
     @abstractmethod
     def model(self) -> nn.Module:

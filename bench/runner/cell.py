@@ -345,6 +345,7 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
         settings=cell.settings,
         cell_key=cell.key,
         history=history or None,
+        extra=method.extra_metrics(maps, gt.masks),
     ).to_dict()
     if maps is not None:
         row[examples.EXAMPLES_KEY] = examples.collect(test_samples, pre, gt.masks, maps)

@@ -76,6 +76,8 @@ class ResultRow:
     # with --eval-every: [{"epoch": k, <metric>: value, ...}, ...], the last entry the final
     # epoch (the row's own metrics); None otherwise
     history: list[dict[str, Any]] | None = None
+    # the method's own outputs (Method.extra_metrics), one column each, after all others
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, in column order: the metrics take their own columns."""
@@ -84,6 +86,8 @@ class ResultRow:
             value = getattr(self, f.name)
             if f.name == "metrics":
                 out.update({name: value.get(name) for name in metric_columns()})
+            elif f.name == "extra":
+                out.update(value)
             else:
                 out[f.name] = value
         return out
@@ -95,8 +99,10 @@ def metric_columns() -> tuple[str, ...]:
 
 
 def columns() -> list[str]:
-    """Every column of a result row, in the order ``results.csv`` has them."""
+    """Every column of a result row, in the order ``results.csv`` has them (a method's extra
+    outputs follow)."""
     names: list[str] = []
     for f in dataclasses.fields(ResultRow):
-        names.extend(metric_columns() if f.name == "metrics" else [f.name])
+        if f.name != "extra":
+            names.extend(metric_columns() if f.name == "metrics" else [f.name])
     return names
