@@ -1,7 +1,9 @@
 """The shared, frozen feature extractor: timm CNN stages or ViT/CaiT tokens as 2D maps.
 
 Every method asks for named layers ("layer1".."layer4" for CNNs, "blocks.K" for
-transformers) and gets a dict of (B, C, H, W) tensors. The backbone is built once per
+transformers) and gets a dict of (B, C, H, W) tensors. A CNN layer may also be a module
+path of the timm model (EfficientNet's "blocks.5"), and any CNN layer may carry a scale
+suffix: "layer4@2" is layer4 computed on the input downscaled to H // 2 x W // 2. The backbone is built once per
 (backbone, weights, input size), frozen, and kept in eval mode so BatchNorm uses its
 running statistics, as every reference does.
 """
@@ -20,7 +22,9 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F  # noqa: N812
 from huggingface_hub import try_to_load_from_cache
+from timm.models import create_feature_extractor
 from torch import Tensor, nn
 
 from bench.errors import BenchError
@@ -81,6 +85,16 @@ _register(
         },
     )
 )
+# CS-Flow's EfficientNet-B5: both references load the TensorFlow release of June 2019 as
+# efficientnet_pytorch ported it (torchvision re-packages that port); timm's port of the
+# same release is tf_efficientnet_b5.in1k.
+_register(
+    BackboneSpec(
+        "tf_efficientnet_b5",
+        "cnn",
+        {p: "tf_efficientnet_b5.in1k" for p in PROVENANCES},
+    )
+)
 _DEIT = "deit_base_distilled_patch16_384"
 _CAIT = "cait_m48_448"
 _register(
@@ -134,6 +148,20 @@ def _layer_index(layer: str) -> int:
     if not match:
         raise BenchError(f"CNN layers are named layer0..layer4, got '{layer}'")
     return int(match.group(1))
+
+
+def parse_layer(layer: str) -> tuple[str, int]:
+    """``NAME@D`` -> (NAME, D); a plain name has D = 1.
+
+    ``NAME@D`` is NAME computed on the input resized to (H // D, W // D) by nearest-neighbour
+    interpolation (``F.interpolate``'s default), as CS-Flow's references build their
+    smaller scales.
+    """
+    match = re.fullmatch(r"(.+?)(?:@(\d+))?", layer)
+    name, divisor = match.group(1), int(match.group(2) or 1)
+    if divisor < 1:
+        raise BenchError(f"layer '{layer}': the scale divisor after @ must be at least 1")
+    return name, divisor
 
 
 def _block_index(layer: str) -> int:
@@ -202,6 +230,14 @@ class FeatureExtractor(nn.Module):
         self.spec = backbone_spec(backbone)
         self.layers = list(layers)
         self.input_size = tuple(input_size)
+        self._scaled = [parse_layer(layer) for layer in self.layers]
+        for layer, (_, divisor) in zip(self.layers, self._scaled, strict=True):
+            if divisor > 1 and (self.spec.kind != "cnn" or min(self.input_size) < divisor):
+                raise BenchError(
+                    f"layer '{layer}': scale suffixes need a CNN backbone and an input of at "
+                    f"least {divisor} pixels"
+                )
+        self._names = list(dict.fromkeys(name for name, _ in self._scaled))
         if self.spec.kind == "vit" and self.input_size != (self.spec.native_input,) * 2:
             n = self.spec.native_input
             raise BenchError(
@@ -231,8 +267,10 @@ class FeatureExtractor(nn.Module):
         if overlay:
             kwargs["pretrained_cfg_overlay"] = overlay
         if self.spec.kind == "cnn":
-            indices = [_layer_index(layer) for layer in self.layers]
-            return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+            if all(re.fullmatch(r"layer\d+", layer) for layer in self._names):
+                indices = [_layer_index(layer) for layer in self._names]
+                return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+            return _module_outputs(timm.create_model(name, **kwargs), self._names)
         for layer in self.layers:
             _block_index(layer)
         return timm.create_model(name, **kwargs)
@@ -312,10 +350,21 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         self.model.eval()
-        if self.spec.kind == "cnn":
-            maps = self._cnn_for_inference()(images.contiguous(memory_format=torch.channels_last))
-            return dict(zip(self.layers, maps, strict=True))
-        return self._vit_forward(images)
+        if self.spec.kind != "cnn":
+            return self._vit_forward(images)
+        model = self._cnn_for_inference()
+        height, width = images.shape[-2:]
+        out: dict[str, Tensor] = {}
+        for divisor in sorted({divisor for _, divisor in self._scaled}):
+            x = images
+            if divisor > 1:
+                x = F.interpolate(images, size=(height // divisor, width // divisor))
+            maps = model(x.contiguous(memory_format=torch.channels_last))
+            by_name = maps if isinstance(maps, dict) else dict(zip(self._names, maps, strict=True))
+            for layer, (name, scale) in zip(self.layers, self._scaled, strict=True):
+                if scale == divisor:
+                    out[layer] = by_name[name]
+        return {layer: out[layer] for layer in self.layers}
 
     def _cnn_for_inference(self) -> nn.Module:
         """A copy of ``self.model`` with BatchNorm folded into the convolutions, in NHWC.
@@ -350,6 +399,25 @@ class FeatureExtractor(nn.Module):
             if len(out) == len(wanted):
                 break
         return out
+
+
+def _module_outputs(model: nn.Module, names: list[str]) -> nn.Module:
+    """``model`` traced to return the named outputs as a dict: ``layerN`` is timm's feature
+    level N, any other name a module path (EfficientNet-B5's 304-channel stage is
+    ``blocks.5``, which no feature level returns)."""
+    modules = dict(model.named_modules())
+    nodes = {}
+    for name in names:
+        if re.fullmatch(r"layer\d+", name):
+            nodes[model.feature_info[_layer_index(name)]["module"]] = name
+        elif name in modules:
+            nodes[name] = name
+        else:
+            raise BenchError(
+                f"backbone {type(model).__name__} has no layer '{name}'; CNN layers are "
+                "layer0..layer4 or a module path such as blocks.5"
+            )
+    return create_feature_extractor(model, return_nodes=nodes)
 
 
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
