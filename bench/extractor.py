@@ -423,10 +423,13 @@ def _module_outputs(model: nn.Module, names: list[str]) -> nn.Module:
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with each Conv2d -> BatchNorm2d pair fused, in channels_last.
 
-    torch.fx must trace the model; one that does not trace is copied unfused.
+    torch.fx must trace the model; one that does not trace is copied unfused, and so is a
+    traced module-path extractor, which retracing would pin to training-mode BatchNorm.
     """
     from torch.fx.experimental.optimization import fuse
 
+    if isinstance(model, torch.fx.GraphModule):
+        return copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     try:
         folded = fuse(model)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; folding is optional
