@@ -44,8 +44,10 @@ Differences from the references, accepted:
 - Other CNN backbones read ``layer4`` (stride 32, the paper's feature stride) unless
   ``csflow.layer`` says otherwise; the input must make the three maps halve exactly.
 
-Speed, same mathematics: convolutions run channels-last; scoring uses a snapshot with
-each gamma folded into its convolutions and no log-determinant (``FrozenCsFlow``).
+Speed, same mathematics: training runs in the default (NCHW) layout, which measured
+about 10% faster than channels-last for its backward pass; scoring uses a channels-last
+snapshot with each gamma folded into its convolutions and no log-determinant
+(``FrozenCsFlow``), which keeps single images off PyTorch's slow small-convolution path.
 """
 
 from __future__ import annotations
@@ -378,7 +380,6 @@ class CsFlow(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             self._model = CsFlowModel(channels, settings).to(self.device)
-        self._model.to(memory_format=torch.channels_last)
         self._frozen: tuple[tuple, FrozenCsFlow] | None = None
         self.history: list[float] = []
 
@@ -419,9 +420,11 @@ class CsFlow(Method):
     def model(self) -> nn.Module:
         return self._model
 
-    def _features(self, batch: dict[str, Tensor]) -> list[Tensor]:
+    def _features(
+        self, batch: dict[str, Tensor], layout: torch.memory_format = torch.contiguous_format
+    ) -> list[Tensor]:
         return [
-            batch[layer].to(self.device, torch.float32, memory_format=torch.channels_last)
+            batch[layer].to(self.device, torch.float32, memory_format=layout)
             for layer in self.layers
         ]
 
@@ -466,7 +469,7 @@ class CsFlow(Method):
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        latents = self._snapshot()(self._features(features))
+        latents = self._snapshot()(self._features(features, torch.channels_last))
         maps = anomaly_maps(latents, self.context.output_size, self.settings.anomaly_map)
         return image_scores(latents), maps
 
