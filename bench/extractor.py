@@ -1,7 +1,10 @@
 """The shared, frozen feature extractor: timm CNN stages or ViT/CaiT tokens as 2D maps.
 
 Every method asks for named layers ("layer1".."layer4" for CNNs, "blocks.K" for
-transformers) and gets a dict of (B, C, H, W) tensors. The backbone is built once per
+transformers) and gets a dict of (B, C, H, W) tensors. A CNN layer may also be a module
+path of the timm model (EfficientNet's "blocks.5"), and any CNN layer may carry a scale
+suffix: "layer4@2" is layer4 computed on the input downscaled to H // 2 x W // 2.
+The backbone is built once per
 (backbone, weights, input size, padding), frozen, and kept in eval mode so BatchNorm uses
 its running statistics, as every reference does.
 """
@@ -22,6 +25,7 @@ import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 from huggingface_hub import try_to_load_from_cache
+from timm.models import create_feature_extractor
 from torch import Tensor, nn
 
 from bench.errors import BenchError
@@ -86,6 +90,16 @@ _register(
             "timm-0.5.4": "wide_resnet50_2.racm_in1k",
             "timm": "wide_resnet50_2.racm_in1k",
         },
+    )
+)
+# CS-Flow's EfficientNet-B5: both references load the TensorFlow release of June 2019 as
+# efficientnet_pytorch ported it (torchvision re-packages that port); timm's port of the
+# same release is tf_efficientnet_b5.in1k.
+_register(
+    BackboneSpec(
+        "tf_efficientnet_b5",
+        "cnn",
+        {p: "tf_efficientnet_b5.in1k" for p in PROVENANCES},
     )
 )
 _DEIT = "deit_base_distilled_patch16_384"
@@ -170,6 +184,20 @@ def _layer_index(layer: str) -> int:
     return int(match.group(1))
 
 
+def parse_layer(layer: str) -> tuple[str, int]:
+    """``NAME@D`` -> (NAME, D); a plain name has D = 1.
+
+    ``NAME@D`` is NAME computed on the input resized to (H // D, W // D) by nearest-neighbour
+    interpolation (``F.interpolate``'s default), as CS-Flow's references build their
+    smaller scales.
+    """
+    match = re.fullmatch(r"(.+?)(?:@(\d+))?", layer)
+    name, divisor = match.group(1), int(match.group(2) or 1)
+    if divisor < 1:
+        raise BenchError(f"layer '{layer}': the scale divisor after @ must be at least 1")
+    return name, divisor
+
+
 def _block_index(layer: str) -> int:
     match = re.fullmatch(r"blocks\.(\d+)", layer)
     if not match:
@@ -240,6 +268,14 @@ class FeatureExtractor(nn.Module):
         if padding not in PADDINGS:
             raise BenchError(f"encoder padding '{padding}': expected one of {', '.join(PADDINGS)}")
         self.padding = padding
+        self._scaled = [parse_layer(layer) for layer in self.layers]
+        for layer, (_, divisor) in zip(self.layers, self._scaled, strict=True):
+            if divisor > 1 and (self.spec.kind != "cnn" or min(self.input_size) < divisor):
+                raise BenchError(
+                    f"layer '{layer}': scale suffixes need a CNN backbone and an input of at "
+                    f"least {divisor} pixels"
+                )
+        self._names = list(dict.fromkeys(name for name, _ in self._scaled))
         if self.spec.kind == "vit" and self.input_size != (self.spec.native_input,) * 2:
             n = self.spec.native_input
             raise BenchError(
@@ -282,8 +318,10 @@ class FeatureExtractor(nn.Module):
         if overlay:
             kwargs["pretrained_cfg_overlay"] = overlay
         if self.spec.kind == "cnn":
-            indices = [_layer_index(layer) for layer in self.layers]
-            return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+            if all(re.fullmatch(r"layer\d+", layer) for layer in self._names):
+                indices = [_layer_index(layer) for layer in self._names]
+                return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+            return _module_outputs(timm.create_model(name, **kwargs), self._names)
         for layer in self.layers:
             _block_index(layer)
         return timm.create_model(name, **kwargs)
@@ -399,10 +437,21 @@ class FeatureExtractor(nn.Module):
         self.model.eval()
         if self.spec.parts:
             return self._parts_forward(images)
-        if self.spec.kind == "cnn":
-            maps = self._cnn_for_inference()(images.contiguous(memory_format=torch.channels_last))
-            return dict(zip(self.layers, maps, strict=True))
-        return self._vit_forward(images)
+        if self.spec.kind != "cnn":
+            return self._vit_forward(images)
+        model = self._cnn_for_inference()
+        height, width = images.shape[-2:]
+        out: dict[str, Tensor] = {}
+        for divisor in sorted({divisor for _, divisor in self._scaled}):
+            x = images
+            if divisor > 1:
+                x = F.interpolate(images, size=(height // divisor, width // divisor))
+            maps = model(x.contiguous(memory_format=torch.channels_last))
+            by_name = maps if isinstance(maps, dict) else dict(zip(self._names, maps, strict=True))
+            for layer, (name, scale) in zip(self.layers, self._scaled, strict=True):
+                if scale == divisor:
+                    out[layer] = by_name[name]
+        return {layer: out[layer] for layer in self.layers}
 
     def _cnn_for_inference(self) -> nn.Module:
         """A copy of ``self.model`` with BatchNorm folded into the convolutions, in NHWC.
@@ -457,13 +506,35 @@ def _set_padding(model: nn.Module, padding: str) -> None:
             module.padding_mode = padding
 
 
+def _module_outputs(model: nn.Module, names: list[str]) -> nn.Module:
+    """``model`` traced to return the named outputs as a dict: ``layerN`` is timm's feature
+    level N, any other name a module path (EfficientNet-B5's 304-channel stage is
+    ``blocks.5``, which no feature level returns)."""
+    modules = dict(model.named_modules())
+    nodes = {}
+    for name in names:
+        if re.fullmatch(r"layer\d+", name):
+            nodes[model.feature_info[_layer_index(name)]["module"]] = name
+        elif name in modules:
+            nodes[name] = name
+        else:
+            raise BenchError(
+                f"backbone {type(model).__name__} has no layer '{name}'; CNN layers are "
+                "layer0..layer4 or a module path such as blocks.5"
+            )
+    return create_feature_extractor(model, return_nodes=nodes)
+
+
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with each Conv2d -> BatchNorm2d pair fused, in channels_last.
 
-    torch.fx must trace the model; one that does not trace is copied unfused.
+    torch.fx must trace the model; one that does not trace is copied unfused, and so is a
+    traced module-path extractor, which retracing would pin to training-mode BatchNorm.
     """
     from torch.fx.experimental.optimization import fuse
 
+    if isinstance(model, torch.fx.GraphModule):
+        return copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     try:
         folded = fuse(model)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; folding is optional

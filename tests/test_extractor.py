@@ -283,3 +283,49 @@ def test_reflect_extractor_equals_cflow_ads_resnet(backbone):
         torch.testing.assert_close(loaded[layer], expected[layer])
         scale = expected[layer].abs().max()
         assert float((features[layer] - expected[layer]).abs().max() / scale) < 1e-5
+
+
+def test_scale_suffix_reads_the_layer_on_the_downscaled_input():
+    ex = FeatureExtractor(
+        "resnet18", ["layer3", "layer3@2", "layer3@4"], "random", input_size=(64, 64)
+    )
+    assert ex.shapes == {"layer3": (4, 4), "layer3@2": (2, 2), "layer3@4": (1, 1)}
+    assert ex.strides == {"layer3": 16, "layer3@2": 32, "layer3@4": 64}
+    images = torch.randn(2, 3, 64, 64)
+    out = ex(images)
+    with torch.no_grad():
+        for layer, size in (("layer3", 64), ("layer3@2", 32), ("layer3@4", 16)):
+            # nearest-neighbour resizing, F.interpolate's default, as CS-Flow's references
+            x = torch.nn.functional.interpolate(images, size=(size, size), mode="nearest")
+            torch.testing.assert_close(out[layer], ex.model(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_module_path_layers_reach_stages_without_a_feature_level():
+    ex = FeatureExtractor(
+        "efficientnet_b0", ["blocks.5", "blocks.5@2"], "random", input_size=(64, 64)
+    )
+    assert ex.channels == {"blocks.5": 192, "blocks.5@2": 192}
+    assert ex.shapes == {"blocks.5": (2, 2), "blocks.5@2": (1, 1)}
+    images = torch.randn(2, 3, 64, 64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the extractor's random initialisation
+        full = timm.create_model("efficientnet_b0", pretrained=False).eval()
+    with torch.no_grad():
+        (expected,) = full.forward_intermediates(
+            images, indices=[6], intermediates_only=True, extra_blocks=True
+        )
+    torch.testing.assert_close(ex(images)["blocks.5"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_layer_specs_are_explained():
+    with pytest.raises(BenchError, match="no layer 'blocks.99'"):
+        FeatureExtractor("resnet18", ["blocks.99"], "random", input_size=(32, 32))
+    with pytest.raises(BenchError, match="at least 64 pixels"):
+        FeatureExtractor("resnet18", ["layer1@64"], "random", input_size=(32, 32))
+
+
+def test_paper_efficientnet_b5_weights_are_the_tensorflow_port():
+    spec = backbone_spec("tf_efficientnet_b5")
+    assert {spec.tag_for(p) for p in ("torchvision", "timm-0.5.4", "timm")} == {
+        "tf_efficientnet_b5.in1k"
+    }
