@@ -133,7 +133,8 @@ def test_preset_method_settings_are_defaults_for_methods_in_the_run():
         args = vars(make_parser().parse_args(["run", *argv]))
         return build_config({o.dest: args[o.dest] for o in given(args, RUN)})
 
-    assert config().set == {"cflow": {"epochs": 1}}  # the quick preset
+    quick = {"cflow": {"epochs": 1}, "csflow": {"epochs": 3}, "msflow": {"epochs": 3}}
+    assert config().set == {**quick, "uflow": {"epochs": 3}}  # the quick preset
     assert config("--methods", "padim").set == {}  # no error about cflow not being in the run
     assert config("--epochs", "3").set == {}  # the flag wins over the preset's cflow epochs
     assert config("--set", "cflow.epochs=2").set == {"cflow": {"epochs": "2"}}
