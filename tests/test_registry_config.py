@@ -179,3 +179,11 @@ def test_per_category_settings_override_everything_for_their_category() -> None:
         )
     with pytest.raises(BenchError, match="per_category.brick"):
         RunConfig(methods=["padim"], per_category={"brick": 5}).validate()
+
+
+def test_all_methods_means_those_with_the_runs_reference() -> None:
+    from bench.runner.options import build_config
+
+    assert "msflow" in build_config({}).methods
+    anomalib = build_config({"reference": "anomalib"}).methods
+    assert "msflow" not in anomalib and {"fastflow", "cflow", "padim"} <= set(anomalib)

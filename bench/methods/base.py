@@ -46,6 +46,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type]
+    references: ClassVar[tuple[str, ...]] = REFERENCES  # the references it implements
 
     def __init__(self, settings: Any, context: MethodContext) -> None:
         self.settings = settings

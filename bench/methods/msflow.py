@@ -638,6 +638,7 @@ class MSFlow(Method):
     """MSFlow with the authors' defaults (``original``; there is no anomalib MSFlow)."""
 
     Settings = MSFlowSettings
+    references = ("original",)
 
     def __init__(self, settings: MSFlowSettings, context: MethodContext) -> None:
         super().__init__(settings, context)

@@ -231,8 +231,10 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         value = values.get(name)
         if value is not None:
             setattr(config, name, value)
-    if not config.methods:
-        config.methods = METHODS.names()
+    if not config.methods:  # every method that has the run's reference
+        config.methods = [
+            m for m in METHODS.names() if config.reference in METHODS.get(m).references
+        ]
     shared_given = {name for name in SHARED_SETTINGS if values.get(name) is not None}
     in_run = {"*", *config.methods, *(METHODS.entry(m).meta["base"] for m in config.methods)}
     kept = {

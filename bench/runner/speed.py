@@ -37,7 +37,12 @@ def profile_grid(
     """
     values = {**SPEED_DEFAULTS, **options}
     config = RunConfig(
-        methods=values.get("methods") or METHODS.names(),
+        methods=values.get("methods")
+        or [
+            m
+            for m in METHODS.names()
+            if values.get("reference", "original") in METHODS.get(m).references
+        ],
         backbones=values["backbones"],
         set=parse_set(values.get("set_items") or []),
         **{k: v for k, v in values.items() if k in _CONFIG_KEYS},
