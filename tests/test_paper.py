@@ -361,3 +361,17 @@ def test_padim_memory_column_is_the_stored_gaussians_beside_process_peak() -> No
     row = {"model_bytes": 3_790_000_000, "peak_memory_mb": 2048.0}
     assert METRICS["model_gb"].value(row) == pytest.approx(3.79)
     assert METRICS["peak_memory_gb"].value(row) == pytest.approx(2.0)
+
+
+def test_cflow_table_compares_its_aupro_with_the_authors_routine_too() -> None:
+    table = load_table("cflow-mvtec")
+    metrics = {c.id: c.metric for c in table.columns}
+    assert metrics["wrn_pro"] == "aupro" and metrics["wrn_pro_cflow"] == "aupro_cflow"
+    for row in table.rows:
+        official, routine = (
+            table.published(row.id, "wrn_pro"),
+            table.published(row.id, "wrn_pro_cflow"),
+        )
+        assert (official is None) == (routine is None)
+        assert official is None or official.text == routine.text
+    assert any("CFLOW-AD routine" in note for note in table.notes)
