@@ -8,7 +8,11 @@ FLOP counter misses; the report reads these columns by name.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import platform
 import resource
 import statistics
 import sys
@@ -307,3 +311,63 @@ def cell_costs(
         if method.device.type == "cuda":
             torch.cuda.empty_cache()
     return costs
+
+
+PEAK_CACHE = Path(os.environ.get("FLOWAD_CACHE", Path.home() / ".cache" / "flowad-bench"))
+
+
+def _machine_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    return f"{name}|{device.type}|threads {torch.get_num_threads()}|torch {torch.__version__}"
+
+
+def peak_gflops(device: torch.device, seconds: float = 0.5, size: int = 1024) -> float:
+    """This machine's dense float32 matrix-product rate: the yardstick a method's achieved
+    GFLOP/s is read against. Measured once per (processor, device, threads, torch) with
+    repeated ``size``-square products for about ``seconds``, then cached on disk."""
+    key = _machine_key(device)
+    path = PEAK_CACHE / "peak_gflops.json"
+    cached: dict[str, float] = {}
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(path.read_text())
+    if key in cached:
+        return cached[key]
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device)
+    b = torch.randn(size, size, generator=generator).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    for _ in range(3):  # warm-up
+        a @ b
+    sync()
+    while time.perf_counter() < deadline or best == math.inf:
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    rate = 2 * size**3 / best / 1e9
+    cached[key] = rate
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    return rate
+
+
+def achieved_gflops(row: dict[str, Any]) -> float | None:
+    """End-to-end FLOPs per image times images per second at the throughput batch."""
+    flops = [row.get("flops_head"), row.get("flops_backbone")]
+    ips = row.get("throughput_e2e_ips")
+    if ips is None or any(f is None for f in flops):
+        return None
+    return sum(flops) * ips / 1e9

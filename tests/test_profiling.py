@@ -228,6 +228,8 @@ def test_failed_profile_keeps_the_cell_and_says_why(monkeypatch: pytest.MonkeyPa
 def test_bench_speed_prints_and_writes_the_table_without_a_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    monkeypatch.setattr(profiling, "PEAK_CACHE", tmp_path / "cache")
+
     def no_dataset(name: str):
         raise AssertionError(f"bench speed touched dataset {name}")
 
@@ -246,6 +248,11 @@ def test_bench_speed_prints_and_writes_the_table_without_a_dataset(
     for row in rows:
         assert float(row["latency_e2e_ms"]) <= float(row["latency_e2e_ms_p95"])
         assert row["weights"].startswith("random")
+        flops = float(row["flops_head"]) + float(row["flops_backbone"])
+        achieved = flops * float(row["throughput_e2e_ips"]) / 1e9
+        assert float(row["achieved_gflops"]) == pytest.approx(achieved)
+        assert float(row["fraction_of_peak"]) == pytest.approx(achieved / float(row["peak_gflops"]))
+    assert "e2e GFLOP/s" in printed and "% of peak" in printed
 
 
 def test_bench_speed_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -305,3 +312,11 @@ def test_bench_speed_reports_a_failing_method_and_profiles_the_others(
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     assert rows["fastflow"]["error"] == "boom" and rows["fastflow"]["latency_e2e_ms"] == ""
     assert float(rows["padim"]["latency_e2e_ms"]) > 0
+
+
+def test_peak_probe_is_measured_once_per_machine(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(profiling, "PEAK_CACHE", tmp_path)
+    first = profiling.peak_gflops(torch.device("cpu"), seconds=0.05, size=128)
+    assert first > 0 and (tmp_path / "peak_gflops.json").is_file()
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert profiling.peak_gflops(torch.device("cpu"), seconds=0.05, size=128) == first

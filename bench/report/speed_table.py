@@ -23,6 +23,8 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("e2e ms med / p95", ("latency_e2e_ms", "latency_e2e_ms_p95"), "{:.1f}"),
     ("head img/s", ("throughput_head_ips",), "{:.1f}"),
     ("e2e img/s", ("throughput_e2e_ips",), "{:.1f}"),
+    ("e2e GFLOP/s", ("achieved_gflops",), "{:.0f}"),
+    ("% of peak", ("fraction_of_peak",), "{:.0%}"),
     ("peak MB", ("peak_memory_mb",), "{:.0f}"),
 ]
 SCALE = {"params_head": 1e-6, "params_backbone": 1e-6, "flops_head": 1e-9, "flops_backbone": 1e-9}
@@ -50,7 +52,10 @@ def caption(rows: list[dict[str, Any]], settings: ProfileSettings) -> str:
         f"batch {settings.throughput_batch}: median of {settings.throughput_repeats} calls. "
         "head = predict_batch on precomputed features (the additional cost); e2e = image "
         "tensor to anomaly map; bb = backbone. FLOPs count convolutions and matrix products "
-        f"only (2 per multiply-add). Peak memory: {first['peak_memory_kind']}."
+        f"only (2 per multiply-add). GFLOP/s: those FLOPs per image times e2e images/s; % of "
+        f"peak: against this machine's dense float32 matrix product "
+        f"({first.get('peak_gflops') or 0:.0f} GFLOP/s, measured once and cached), so a low "
+        f"share means time lost outside the arithmetic. Peak memory: {first['peak_memory_kind']}."
     )
 
 

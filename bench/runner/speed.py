@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from bench.profiling import PeakMemory, ProfileSettings, profile_inference
+from bench.profiling import (
+    PeakMemory,
+    ProfileSettings,
+    achieved_gflops,
+    peak_gflops,
+    profile_inference,
+)
 from bench.registry import METHODS
 from bench.runner.cell import Cell, Environment, build_method, resolve_device
 from bench.runner.config import RunConfig, parse_set
@@ -115,6 +121,8 @@ def _profile_row(
     method.init_untrained()
     profile = profile_inference(method, extractor, settings)
     height, width = extractor.input_size
+    achieved = achieved_gflops(profile)
+    machine = peak_gflops(torch.device(device))
     return {
         **_identity(cell),
         "weights": extractor.weights.describe(),
@@ -122,6 +130,9 @@ def _profile_row(
         "input": pre.describe(),
         "model_input": f"{height}x{width}",
         **profile,
+        "achieved_gflops": achieved,
+        "peak_gflops": machine,
+        "fraction_of_peak": None if achieved is None else achieved / machine,
         **peak.read(),
         "device": device,
         "threads": torch.get_num_threads(),
