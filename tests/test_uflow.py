@@ -31,7 +31,8 @@ from bench.methods.uflow import (
     split_sizes,
     uflow_loss,
 )
-from bench.paper.published import STATUSES, grid_configs, load_table
+from bench.paper.grids import grid_configs
+from bench.paper.published import STATUSES, load_table
 from bench.registry import BACKBONES, Entry, load_plugins
 from bench.runner.config import expand_cells
 
