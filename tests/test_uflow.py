@@ -34,7 +34,7 @@ from bench.methods.uflow import (
 from bench.paper.grids import grid_configs
 from bench.paper.published import STATUSES, load_table
 from bench.registry import BACKBONES, Entry, load_plugins
-from bench.runner.config import expand_cells
+from bench.runner.grid import expand_cells
 
 CPU = torch.device("cpu")
 SHAPES = [(12, 8, 8), (16, 4, 4), (24, 2, 2)]  # finest first, odd channel splits included
