@@ -8,7 +8,9 @@ number of epochs, and then score the same test images:
   then CsFlow.fit; testing is test-feature extraction plus CsFlow.predict;
 - anomalib: ``Engine.fit`` with validation off and ``Engine.test`` with the visualiser off,
   in a separate interpreter (``--anomalib-python``), since anomalib is no dependency of
-  bench. Its torchvision backbone is built without weights (nothing is downloaded).
+  bench. Its torchvision backbone is built without weights (nothing is downloaded). By
+  default its fit ends by writing a checkpoint (weights and Adam state);
+  ``--anomalib-barebones`` leaves that out (and its logging).
 The two run alternately, ``--rounds`` times each, on ``--threads`` threads (1 by default:
 on a shared machine a second OpenMP thread mostly spin-waits), and the script prints the
 median of each side's times and the ratios. Test time is wall time per test image,
@@ -86,6 +88,7 @@ ANOMALIB_SCRIPT = textwrap.dedent(
         enable_progress_bar=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        barebones=cfg["barebones"],
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -169,6 +172,7 @@ def run_anomalib(args: argparse.Namespace, root: Path) -> dict:
         "seed": args.seed,
         "threads": args.threads,
         "workdir": str(workdir),
+        "barebones": args.anomalib_barebones,
     }
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(
@@ -198,6 +202,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anomalib-python", default="/work/anomalib-venv/bin/python")
+    parser.add_argument(
+        "--anomalib-barebones",
+        action="store_true",
+        help="Lightning's barebones mode: no checkpoint written at the end of fit, no logging "
+        "(anomalib then reports no AUROC)",
+    )
     args = parser.parse_args()
 
     root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)
