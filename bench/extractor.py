@@ -3,10 +3,9 @@
 Every method asks for named layers ("layer1".."layer4" for CNNs, "blocks.K" for
 transformers) and gets a dict of (B, C, H, W) tensors. A CNN layer may also be a module
 path of the timm model (EfficientNet's "blocks.5"), and any CNN layer may carry a scale
-suffix: "layer4@2" is layer4 computed on the input downscaled to H // 2 x W // 2.
-The backbone is built once per
-(backbone, weights, input size, padding), frozen, and kept in eval mode so BatchNorm uses
-its running statistics, as every reference does.
+suffix: "layer4@2" is layer4 computed on the input downscaled to H // 2 x W // 2. The
+backbone is built once per (backbone, weights, input size, padding), frozen, and kept in
+eval mode so BatchNorm uses its running statistics, as every reference does.
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@ number of epochs, and then score the same test images:
   then CsFlow.fit; testing is test-feature extraction plus CsFlow.predict;
 - anomalib: ``Engine.fit`` with validation off and ``Engine.test`` with the visualiser off,
   in a separate interpreter (``--anomalib-python``), since anomalib is no dependency of
-  bench. Its torchvision backbone is built without weights (nothing is downloaded).
-The two run alternately, ``--rounds`` times each, on ``--threads`` threads (1 by default:
+  bench. Its torchvision backbone is built without weights (nothing is downloaded). By
+  default its fit ends by writing a checkpoint (weights and Adam state);
+  ``--anomalib-barebones`` leaves that out (and its logging).
+Each side runs in a fresh interpreter per round. The two run alternately, ``--rounds``
+times each, on ``--threads`` threads (1 by default:
 on a shared machine a second OpenMP thread mostly spin-waits), and the script prints the
 median of each side's times and the ratios. Test time is wall time per test image,
 image loading included. The backbones are random and differ (timm's TF port against
@@ -86,6 +89,7 @@ ANOMALIB_SCRIPT = textwrap.dedent(
         enable_progress_bar=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        barebones=cfg["barebones"],
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -155,6 +159,18 @@ def run_bench(args: argparse.Namespace, root: Path) -> dict:
     return {"fit": fit, "test": tested, "test_images": len(test), "image_auroc": float(auroc)}
 
 
+def run_bench_process(args: argparse.Namespace, root: Path) -> dict:
+    """``run_bench`` in a fresh interpreter, as anomalib runs: both sides start from the
+    same state, and neither holds the other's memory."""
+    command = [sys.executable, __file__, "--bench-worker", str(root), *sys.argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench run failed:\n{proc.stderr[-4000:]}")
+    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
 def run_anomalib(args: argparse.Namespace, root: Path) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="csflow-anomalib-"))
     script = workdir / "run_anomalib.py"
@@ -169,6 +185,7 @@ def run_anomalib(args: argparse.Namespace, root: Path) -> dict:
         "seed": args.seed,
         "threads": args.threads,
         "workdir": str(workdir),
+        "barebones": args.anomalib_barebones,
     }
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(
@@ -198,7 +215,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anomalib-python", default="/work/anomalib-venv/bin/python")
+    parser.add_argument(
+        "--anomalib-barebones",
+        action="store_true",
+        help="Lightning's barebones mode: no checkpoint written at the end of fit, no logging "
+        "(anomalib then reports no AUROC)",
+    )
+    parser.add_argument("--bench-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bench_worker:
+        print("RESULT " + json.dumps(run_bench(args, args.bench_worker)))
+        return
 
     root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)
     runs: dict[str, list[dict]] = {"bench": [], "anomalib": []}
@@ -207,7 +234,8 @@ def main() -> None:
             # Alternate which side goes first, so a drift in machine load hits both.
             order = ("anomalib", "bench") if index % 2 == 0 else ("bench", "anomalib")
             for side in order:
-                result = run_anomalib(args, root) if side == "anomalib" else run_bench(args, root)
+                run = run_anomalib if side == "anomalib" else run_bench_process
+                result = run(args, root)
                 runs[side].append(result)
                 print(f"round {index + 1} {side}: {json.dumps(result)}", flush=True)
     finally:

@@ -14,7 +14,8 @@ Scoring is the same for both references: image score = mean over every latent va
 every scale of z^2 / 2. Anomaly maps differ (below).
 
 ``original`` is the authors' code (config.py, model.py, train.py, evaluate.py):
-EfficientNet-B5 stage 6 (304 channels, stride 32) at 768 px, 4 coupling blocks, clamp 3,
+EfficientNet-B5 after block 35 of 39 (the end of stage 6: 304 channels, stride 32) at
+768 px (images resized with bilinear interpolation, no crop), 4 coupling blocks, clamp 3,
 1024 hidden channels, kernels 3, 3, 3, 5; Adam lr 2e-4, eps 1e-4, weight decay 1e-5,
 betas (0.9, 0.999), gradient norm clipped to 1, batch 16, 4 meta-epochs of 60 epochs =
 240 passes (no schedule, so ``epochs`` counts passes); permutations from
@@ -37,6 +38,12 @@ Differences from the references, accepted:
   efficientnet_pytorch pads its stride-2 convolutions as planned for a 456 px input
   whatever the input size and torchvision pads symmetrically; timm's TF port pads "same"
   for the actual size. Features therefore differ slightly at the borders.
+- Maps are upsampled to the model input (the harness scores pixels there and upsamples
+  to the masks' size for AUPRO); the authors' evaluate.py upsamples the same map straight
+  to each image's original size for display. The paper writes the map as the squared
+  norm of z per position; the code takes the channel mean (a factor 1 / C), as bench does.
+- anomalib resizes image tensors (bilinear, antialiased); bench resizes with PIL's
+  bilinear filter, as the authors' torchvision transform on PIL images does.
 - The authors report the best of 4 test-set evaluations (one per meta-epoch) and anomalib
   stops early on the test set; bench trains all epochs and reports the last.
 - The references' reverse pass takes the second shift from the wrong subnet output

@@ -1,0 +1,344 @@
+"""Whole-process cost of `bench run` against an anomalib 2.7 script doing the same work (a benchmark).
+
+Each side is one fresh interpreter, timed from outside: interpreter start, imports, data
+loading, fit, test, metrics and (for bench) the report, tables and figures. Per process
+it records wall time, CPU time (user + system, its waited-for children included) and
+peak resident memory, from ``os.wait4``. Runs go in pairs, the two sides alternating
+which starts first; the table gives medians and the median of the per-pair ratios.
+
+Work per method, on the first ``--train-images`` normal training images and the test
+images of one MVTec-layout category (copied to a temporary folder):
+- bench: ``bench run --methods M --dataset mvtec --weights random --no-profile
+  --reference anomalib`` with the epochs and batch size below, ``--threads`` torch threads;
+- anomalib: ``Engine(max_epochs=E, limit_val_batches=0, num_sanity_val_steps=0).fit``,
+  then ``Engine.test`` (validation off; no visualiser unless ``--anomalib-visualizer``).
+Both sides load images with ``--workers`` processes and use random backbone weights.
+
+    python scripts/compare_whole_run.py --data-root /work/shared/data/mvtec \\
+        --anomalib-python /work/anomalib-venv/bin/python --repeats 3 --markdown whole_run.md
+Smoke test (one pair, small data):
+    python scripts/compare_whole_run.py --data-root ... --anomalib-python ... --repeats 1 \\
+        --methods padim --train-images 8 --test-per-defect 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# What each compared method runs with on both sides.
+METHODS = {
+    "fastflow-3x3": {
+        "backbone": "resnet18",
+        "epochs": 5,
+        "batch_size": 32,
+        "anomalib": "Fastflow(backbone='resnet18', pre_trained=False, conv3x3_only=True, "
+        "pre_processor=Fastflow.configure_pre_processor(image_size=SIZE), visualizer=VIS)",
+        "import": "Fastflow",
+    },
+    "cflow": {
+        "backbone": "wide_resnet50_2",
+        "epochs": 1,
+        "batch_size": 32,
+        "anomalib": "Cflow(backbone='wide_resnet50_2', pre_trained=False, "
+        "pre_processor=Cflow.configure_pre_processor(image_size=SIZE), visualizer=VIS)",
+        "import": "Cflow",
+    },
+    "padim": {
+        "backbone": "resnet18",
+        "epochs": 1,
+        "batch_size": 32,
+        "anomalib": "Padim(backbone='resnet18', pre_trained=False, "
+        "pre_processor=Padim.configure_pre_processor(image_size=SIZE), visualizer=VIS)",
+        "import": "Padim",
+    },
+}
+
+ANOMALIB_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    cfg = json.loads(sys.argv[1])
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models import {import_name}
+
+    SIZE = (cfg["input_size"], cfg["input_size"])
+    VIS = cfg["visualizer"]
+    datamodule = MVTecAD(
+        root=cfg["root"],
+        category=cfg["category"],
+        train_batch_size=cfg["batch_size"],
+        eval_batch_size=32,
+        num_workers=cfg["workers"],
+    )
+    model = {constructor}
+    engine = Engine(
+        max_epochs=cfg["epochs"],
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=cfg["workdir"],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        logger=False,
+    )
+    engine.fit(model=model, datamodule=datamodule)
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    print("RESULT " + json.dumps({{k: float(v) for k, v in metrics.items()}}))
+    """
+)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One process, measured from outside."""
+
+    wall: float  # seconds
+    cpu: float  # user + system seconds, children it waited for included
+    peak_rss_mib: float
+
+
+def run_measured(command: list[str], log: Path, env: dict[str, str]) -> Usage:
+    """Run ``command`` to completion; its output goes to ``log``; raise if it fails."""
+    with log.open("w") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(command[:4])} ... failed ({proc.returncode}):\n{tail}")
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 / 1024 if sys.platform.startswith("linux") else 1 / 1024**2
+    return Usage(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * scale)
+
+
+def subset_folder(
+    data_root: Path, category: str, train: int, test_per_defect: int | None, root: Path
+) -> Path:
+    """An MVTec-layout copy with the first ``train`` normal images and the test images
+    (``test_per_defect`` per folder when given). Copies, not links: anomalib refuses files
+    that resolve outside its dataset root."""
+    source, target = data_root / category, root / category
+
+    def images(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+
+    (target / "train" / "good").mkdir(parents=True)
+    for path in images(source / "train" / "good")[:train]:
+        shutil.copy2(path, target / "train" / "good" / path.name)
+    for defect in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
+        (target / "test" / defect.name).mkdir(parents=True)
+        for path in images(defect)[:test_per_defect]:
+            shutil.copy2(path, target / "test" / defect.name / path.name)
+            mask = source / "ground_truth" / defect.name / f"{path.stem}_mask.png"
+            if mask.is_file():
+                (target / "ground_truth" / defect.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(mask, target / "ground_truth" / defect.name / mask.name)
+    return root
+
+
+def cpu_description() -> dict[str, str]:
+    """The CPU model and the vector extensions the kernels can use."""
+    model, flags = platform.processor() or "unknown", []
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("unknown", "x86_64", ""):
+                model = value.strip()
+            if key.strip() == "flags":
+                flags = value.split()
+                break
+    vector = [f for f in flags if f in ("fma", "avx2") or f.startswith(("avx512", "amx"))]
+    return {
+        "model": model,
+        "cores": str(os.cpu_count()),
+        "vector extensions": " ".join(vector) or "none listed",
+    }
+
+
+def bench_command(args: argparse.Namespace, method: str, root: Path, out: Path) -> list[str]:
+    spec = METHODS[method]
+    return [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "run",
+        "--methods",
+        method,
+        "--dataset",
+        "mvtec",
+        "--data-root",
+        str(root),
+        "--categories",
+        args.category,
+        "--backbone",
+        spec["backbone"],
+        "--reference",
+        "anomalib",
+        "--weights",
+        "random",
+        "--input-size",
+        str(args.input_size),
+        "--epochs",
+        str(spec["epochs"]),
+        "--batch-size",
+        str(spec["batch_size"]),
+        "--threads",
+        str(args.threads),
+        "--workers",
+        str(args.workers),
+        "--seeds",
+        str(args.seed),
+        "--no-profile",
+        "--out",
+        str(out),
+    ]
+
+
+def anomalib_command(args: argparse.Namespace, method: str, root: Path, workdir: Path) -> list[str]:
+    spec = METHODS[method]
+    script = workdir / f"anomalib_{method.replace('-', '_')}.py"
+    script.write_text(
+        ANOMALIB_SCRIPT.format(import_name=spec["import"], constructor=spec["anomalib"])
+    )
+    cfg = {
+        "root": str(root),
+        "category": args.category,
+        "input_size": args.input_size,
+        "epochs": spec["epochs"],
+        "batch_size": spec["batch_size"],
+        "threads": args.threads,
+        "workers": args.workers,
+        "seed": args.seed,
+        "visualizer": bool(args.anomalib_visualizer),
+        "workdir": str(workdir / "anomalib-out"),
+    }
+    return [args.anomalib_python, str(script), json.dumps(cfg)]
+
+
+def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dict:
+    """``--repeats`` alternating pairs of one method; every measurement and the medians."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    pairs = []
+    for repeat in range(args.repeats):
+        results = {}
+        order = ("bench", "anomalib") if repeat % 2 == 0 else ("anomalib", "bench")
+        for side in order:
+            work = tmp / f"{method}-{side}-{repeat}"
+            work.mkdir()
+            if side == "bench":
+                command = bench_command(args, method, root, work / "run")
+            else:
+                command = anomalib_command(args, method, root, work)
+            results[side] = run_measured(command, work / "log.txt", env)
+            shutil.rmtree(work / "run", ignore_errors=True)
+            shutil.rmtree(work / "anomalib-out", ignore_errors=True)
+            print(f"  {method} {repeat + 1}/{args.repeats} {side}: {results[side]}", flush=True)
+        pairs.append(results)
+
+    def median(side: str, field: str) -> float:
+        return statistics.median(getattr(p[side], field) for p in pairs)
+
+    ratios = [p["bench"].wall / p["anomalib"].wall for p in pairs]
+    return {
+        "method": method,
+        "pairs": [{k: vars(v) for k, v in p.items()} for p in pairs],
+        "medians": {
+            side: {f: median(side, f) for f in ("wall", "cpu", "peak_rss_mib")}
+            for side in ("bench", "anomalib")
+        },
+        "wall_ratio_median": statistics.median(ratios),
+        "wall_ratio_range": (min(ratios), max(ratios)),
+    }
+
+
+def markdown(rows: list[dict], cpu: dict[str, str], args: argparse.Namespace) -> str:
+    lines = [
+        f"CPU: {cpu['model']}, {cpu['cores']} cores, vector extensions: "
+        f"{cpu['vector extensions']}; {args.threads} torch threads, {args.workers} loader "
+        f"worker(s); {args.train_images} train images of `{args.category}`, "
+        f"{'all' if args.test_per_defect is None else args.test_per_defect} test images per "
+        f"folder; medians of {args.repeats} alternating pair(s).",
+        "",
+        "| method (backbone, epochs) | bench wall (s) | anomalib wall (s) | wall ratio "
+        "(range) | bench CPU (s) | anomalib CPU (s) | bench peak RSS (MiB) "
+        "| anomalib peak RSS (MiB) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        spec, b, a = METHODS[row["method"]], row["medians"]["bench"], row["medians"]["anomalib"]
+        low, high = row["wall_ratio_range"]
+        lines.append(
+            f"| {row['method']} ({spec['backbone']}, {spec['epochs']}) | {b['wall']:.1f} "
+            f"| {a['wall']:.1f} | {row['wall_ratio_median']:.2f} ({low:.2f}-{high:.2f}) "
+            f"| {b['cpu']:.1f} | {a['cpu']:.1f} | {b['peak_rss_mib']:.0f} "
+            f"| {a['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, required=True, help="MVTec-layout folder")
+    parser.add_argument("--anomalib-python", required=True, help="python with anomalib 2.7")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--methods", default=",".join(METHODS), help=", ".join(METHODS))
+    parser.add_argument("--train-images", type=int, default=40)
+    parser.add_argument("--test-per-defect", type=int, default=None, help="default: all")
+    parser.add_argument("--input-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating pairs per method")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=min(4, (os.cpu_count() or 1) // 2))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--anomalib-visualizer", action="store_true")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    cpu = cpu_description()
+    print(
+        f"CPU {cpu['model']} ({cpu['cores']} cores), vector extensions: {cpu['vector extensions']}"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="whole-run-") as tmp_name:
+        tmp = Path(tmp_name)
+        root = subset_folder(
+            args.data_root, args.category, args.train_images, args.test_per_defect, tmp / "data"
+        )
+        for method in methods:
+            rows.append(compare(args, method, root, tmp))
+    table = markdown(rows, cpu, args)
+    print("\n" + table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"cpu": cpu, "rows": rows, "args": vars(args)}, default=str)
+        )
+
+
+if __name__ == "__main__":
+    main()
