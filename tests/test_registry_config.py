@@ -137,7 +137,11 @@ def test_preset_method_settings_are_defaults_for_methods_in_the_run():
     assert config().set == {**quick, "uflow": {"epochs": 3}}  # the quick preset
     assert config("--methods", "padim").set == {}  # no error about cflow not being in the run
     assert config("--epochs", "3").set == {}  # the flag wins over the preset's cflow epochs
-    assert config("--set", "cflow.epochs=2").set == {"cflow": {"epochs": "2"}}
+    assert config("--set", "cflow.epochs=2").set == {
+        **quick,
+        "cflow": {"epochs": "2"},
+        "uflow": {"epochs": 3},
+    }
     cells = expand_cells(config("--methods", "cflow,fastflow"), ["brick"])
     assert {c.method: c.settings["epochs"] for c in cells} == {"cflow": 1, "fastflow": 10}
 
