@@ -201,3 +201,20 @@ def test_cli_warnings_are_one_line(monkeypatch) -> None:
     assert warnings.formatwarning is cli._one_line_warning
     text = warnings.formatwarning("USING RANDOM INITIALISATION", UserWarning, "x.py", 1, "src")
     assert text == "warning: USING RANDOM INITIALISATION\n"
+
+
+def test_ci_tables_show_test_image_or_seed_intervals() -> None:
+    import pandas as pd
+
+    from bench.report.tables import metric_table
+
+    rows = [
+        {"category": "brick", "method": "padim", "backbone": "r", "reference": "o", "seed": s,
+         "image_auroc": v, "image_auroc_lo": v - 0.02, "image_auroc_hi": v + 0.01}
+        for s, v in ((0, 0.90), (1, 0.94))
+    ]  # fmt: skip
+    one = metric_table(pd.DataFrame(rows[:1]), "image_auroc", ci=True)
+    assert one.loc["brick", "padim"] == "90.0 [88.0, 91.0]"
+    two = metric_table(pd.DataFrame(rows), "image_auroc", ci=True)
+    # mean 92.0, t(0.975, 1) = 12.706, sd/sqrt(2) = 2.0 -> +-25.4
+    assert two.loc["brick", "padim"] == "92.0 [66.6, 117.4]"

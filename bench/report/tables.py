@@ -15,6 +15,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.metrics import METRIC_LABELS
+from bench.report.statistics import over_seeds
 from bench.runner.row import columns
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -50,7 +51,8 @@ def _column_name(key: Any) -> str:
 
 
 def _fmt(values: pd.Series, bounds: tuple[pd.Series, pd.Series] | None = None) -> str:
-    """Mean (± std over seeds); with ``bounds`` and one value, its interval in brackets."""
+    """Mean (± std over seeds). With ``bounds``: one seed shows its bootstrap interval over
+    test images, several seeds the 95% t-interval of their mean."""
     values = values.dropna()
     if values.empty:
         return MISSING
@@ -60,6 +62,9 @@ def _fmt(values: pd.Series, bounds: tuple[pd.Series, pd.Series] | None = None) -
         if low is not None and len(low) and len(high):
             return f"{mean:.1f} [{100 * low.iloc[0]:.1f}, {100 * high.iloc[0]:.1f}]"
         return f"{mean:.1f}"
+    if bounds is not None:  # several seeds: the t-interval of the mean over seeds
+        summary = over_seeds(values.tolist())
+        return f"{mean:.1f} [{100 * summary.low:.1f}, {100 * summary.high:.1f}]"
     return f"{mean:.1f} ± {100 * values.std(ddof=1):.1f}"
 
 
