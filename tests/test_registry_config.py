@@ -133,13 +133,18 @@ def test_preset_method_settings_are_defaults_for_methods_in_the_run():
         args = vars(make_parser().parse_args(["run", *argv]))
         return build_config({o.dest: args[o.dest] for o in given(args, RUN)})
 
-    quick = {"cflow": {"epochs": 1}, "csflow": {"epochs": 3}, "msflow": {"epochs": 3}}
+    quick = {
+        "cflow": {"epochs": 1, "sub_epochs": 2, "zero_grad_to_none": True},
+        "csflow": {"epochs": 3},
+        "msflow": {"epochs": 3},
+    }
     assert config().set == {**quick, "uflow": {"epochs": 3}}  # the quick preset
     assert config("--methods", "padim").set == {}  # no error about cflow not being in the run
-    assert config("--epochs", "3").set == {}  # the flag wins over the preset's cflow epochs
+    # the flag wins over the preset's epochs; the other settings stay
+    assert config("--epochs", "3").set == {"cflow": {"sub_epochs": 2, "zero_grad_to_none": True}}
     assert config("--set", "cflow.epochs=2").set == {
         **quick,
-        "cflow": {"epochs": "2"},
+        "cflow": {**quick["cflow"], "epochs": "2"},
         "uflow": {"epochs": 3},
     }
     cells = expand_cells(config("--methods", "cflow,fastflow"), ["brick"])
