@@ -124,3 +124,12 @@ def test_deprecated_flag_still_works_and_says_so(capsys) -> None:
     args = make_parser().parse_args(["speed", "--repeats", "3"])
     assert args.profile_repeats == 3
     assert "--repeats is deprecated" in capsys.readouterr().err
+
+
+def test_every_command_prints_its_help() -> None:
+    """argparse expands '%' in help texts only when printing, so a stray '%' passes parsing
+    and breaks `bench CMD --help` alone; format every command's help here."""
+    parser = make_parser()
+    assert "run" in parser.format_help()
+    for command, sub in _subparsers(parser).items():
+        assert command in sub.format_help()

@@ -126,7 +126,7 @@ OPTIONS: tuple[Option, ...] = (
            "FPR up to which AUPRO integrates (default 0.3; 0.05 is the other common one)",
            GRID, float),
     Option("bootstrap", ("--bootstrap",),
-           "resamples of each metric's 95% confidence interval over test images (default "
+           "resamples of each metric's 95%% confidence interval over test images (default "
            "1000; 0: none)", GRID, int),
     Option("device", ("--device",), "auto (default), cpu, cuda or cuda:N", GRID | {SPEED}),
     Option("workers", ("--workers",), "image-loading worker processes", GRID, int),
@@ -162,7 +162,7 @@ OPTIONS: tuple[Option, ...] = (
            "the result tables to show, e.g. image_auroc,image_ap,pixel_f1max (default: "
            "image_auroc,pixel_auroc,aupro; every metric is in results.csv either way)",
            {RUN, REPORT}, csv_list),
-    Option("ci", ("--ci",), "show each single-seed cell's 95% interval: 98.1 [97.4, 98.7]",
+    Option("ci", ("--ci",), "show each single-seed cell's 95%% interval: 98.1 [97.4, 98.7]",
            {RUN, REPORT}, action="store_true"),
     Option("profile", ("--no-profile",),
            "skip FLOPs, latency and throughput (parameters, memory and times stay)", CONFIG,
