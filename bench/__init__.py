@@ -63,7 +63,8 @@ def run(
             f"run: methods {','.join(config.methods)} | dataset {config.dataset} | "
             f"backbones {','.join(config.backbones)} | seeds {','.join(map(str, config.seeds))} | "
             f"reference {config.reference} | weights {config.weights}"
-            + (f" | preset {config.preset}" if config.preset else ""),
+            + (f" | preset {config.preset}" if config.preset else "")
+            + (" | setting unified" if config.setting == "unified" else ""),
             file=sys.stderr,
         )
     summary = run_grid(

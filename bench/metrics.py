@@ -916,7 +916,7 @@ class _Cell:
         self.with_evidence = evidence
         self.masks: np.ndarray | None = None
         self.maps: np.ndarray | None = None
-        self.native_masks: list[np.ndarray] | None = None
+        self.native_masks: Sequence[np.ndarray] | None = None
         if gt.masks is not None and maps is not None:
             maps = _to_numpy(maps)
             if maps.shape != gt.masks.shape:
@@ -955,7 +955,8 @@ class _Cell:
     def native_aupro(self) -> tuple[float | None, _Histograms | None]:
         if self.native_masks is None or self.maps is None:
             return None, None
-        native = _NativeMaps(self.maps, [m.shape for m in self.native_masks])
+        shapes = getattr(self.native_masks, "shapes", None)  # known without rebuilding a mask
+        native = _NativeMaps(self.maps, shapes or [m.shape for m in self.native_masks])
         return self._aupro(self.native_masks, native)
 
     @cached_property

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import metrics
 from bench.datasets.base import Dataset
 from bench.datasets.btad import BTAD
 from bench.datasets.cifar10 import CIFAR10, CIFAR10_CLASSES
@@ -22,7 +23,9 @@ from bench.datasets.mvtec import MVTec
 from bench.datasets.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    GroundTruth,
     ImageSet,
+    NativeMasks,
     Preprocess,
     load_ground_truth,
 )
@@ -468,3 +471,42 @@ def test_augmentation_does_not_depend_on_the_number_of_workers() -> None:
     assert not torch.equal(
         images(5, 0), torch.cat(list(torch.utils.data.DataLoader(ImageSet(samples, pre), 3)))
     )
+
+
+def test_native_masks_keep_only_defect_boxes_and_rebuild_every_mask_exactly() -> None:
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((40, 50), np.uint8), np.ones((30, 30), np.uint8)]
+    for _ in range(6):
+        mask = np.zeros((int(rng.integers(20, 60)), int(rng.integers(20, 60))), np.uint8)
+        top, left = int(rng.integers(0, mask.shape[0])), int(rng.integers(0, mask.shape[1]))
+        mask[top : top + 5, left : left + 7] = 1  # corners and edges included
+        mask[rng.random(mask.shape) < 0.01] = 1
+        masks.append(mask)
+    native = NativeMasks()
+    for mask in masks:
+        native.append(mask)
+    assert len(native) == len(masks) and native.shapes == [m.shape for m in masks]
+    for rebuilt, mask in zip(native, masks, strict=True):
+        assert rebuilt.dtype == np.uint8 and np.array_equal(rebuilt, mask)
+    assert native._boxes[0] is None  # a normal image costs its size alone
+
+    big = np.zeros((1024, 1024), np.uint8)
+    big[500:510, 600:640] = 1
+    one = NativeMasks()
+    one.append(big)
+    assert one._boxes[0][2].nbytes == 10 * 40
+
+
+def test_metrics_read_native_masks_as_they_would_a_list() -> None:
+    rng = np.random.default_rng(1)
+    masks = np.zeros((6, 16, 16), np.uint8)
+    masks[3:, 4:9, 5:12] = 1
+    natives = [np.kron(m, np.ones((3, 2), np.uint8)) for m in masks]
+    native = NativeMasks()
+    for mask in natives:
+        native.append(mask)
+    maps = rng.random((6, 16, 16)).astype(np.float32) + masks
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    from_list = metrics.evaluate(GroundTruth(labels, masks, natives), maps.max((1, 2)), maps)
+    compact = metrics.evaluate(GroundTruth(labels, masks, native), maps.max((1, 2)), maps)
+    assert compact == from_list and compact["aupro"] is not None

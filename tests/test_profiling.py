@@ -195,7 +195,7 @@ def _cell(method: str, **settings: str) -> Cell:
 
 def test_run_cell_row_has_every_agreed_cost_column() -> None:
     env = Environment(data_root=None, progress=False, profile=QUICK)
-    row = run_cell(_cell("fastflow", flow_steps="2", batch_size="2"), env)
+    [row] = run_cell(_cell("fastflow", flow_steps="2", batch_size="2"), env)
     missing = [key for key in AGREED if key not in row]
     assert not missing
     assert row["train_seconds_per_epoch"] == pytest.approx(row["fit_seconds"])
@@ -205,7 +205,7 @@ def test_run_cell_row_has_every_agreed_cost_column() -> None:
 
 def test_run_cell_without_profile_keeps_free_figures_only() -> None:
     env = Environment(data_root=None, progress=False, profile=None)
-    row = run_cell(_cell("padim"), env)
+    [row] = run_cell(_cell("padim"), env)
     assert row["train_seconds_per_epoch"] is None and row["params_head"] == 0
     assert row["params_backbone"] > 0 and row["peak_memory_mb"] > 0
     # every column exists in every row (one schema); these stay empty, never 0
@@ -219,7 +219,7 @@ def test_failed_profile_keeps_the_cell_and_says_why(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(profiling, "profile_inference", out_of_memory)
     env = Environment(data_root=None, progress=False, profile=QUICK)
     with pytest.warns(UserWarning, match="profiling failed"):
-        row = run_cell(_cell("padim"), env)
+        [row] = run_cell(_cell("padim"), env)
     assert (
         row["profile_error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     )

@@ -85,15 +85,18 @@ def _unmeasured(row: dict) -> dict:
     return {k: v for k, v in row.items() if not MEASURED.search(k)}
 
 
-def test_ray_rows_equal_local_rows(local_ray, tmp_path, capsys):
-    assert main([*GRID, "--out", str(tmp_path / "local")]) == 0
-    assert main([*GRID, "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
+@pytest.mark.parametrize("setting", ["separate", "unified"])
+def test_ray_rows_equal_local_rows(local_ray, tmp_path, capsys, setting):
+    grid = [*GRID, "--setting", setting]
+    assert main([*grid, "--out", str(tmp_path / "local")]) == 0
+    assert main([*grid, "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
     local, remote = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     assert len(local) == 4 and local.keys() == remote.keys()
     for key, row in local.items():
         assert _unmeasured(remote[key]) == _unmeasured(row)
         assert remote[key]["fit_seconds"] > 0
-    assert main([*GRID, "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
+        assert row["setting"] == setting
+    assert main([*grid, "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
     assert "4 of 4 cells already done" in capsys.readouterr().out
 
 

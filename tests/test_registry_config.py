@@ -135,20 +135,23 @@ def test_preset_method_settings_are_defaults_for_methods_in_the_run():
 
     quick = {
         "cflow": {"epochs": 1, "sub_epochs": 2, "zero_grad_to_none": True},
-        "csflow": {"epochs": 3},
-        "msflow": {"epochs": 3},
+        "csflow": {"epochs": 3, "hidden_channels": 128},
+        "msflow": {"epochs": 1},
     }
     assert config().set == {**quick, "uflow": {"epochs": 3}}  # the quick preset
     assert config("--methods", "padim").set == {}  # no error about cflow not being in the run
     # the flag wins over the preset's epochs; the other settings stay
-    assert config("--epochs", "3").set == {"cflow": {"sub_epochs": 2, "zero_grad_to_none": True}}
+    assert config("--epochs", "3").set == {
+        "cflow": {"sub_epochs": 2, "zero_grad_to_none": True},
+        "csflow": {"hidden_channels": 128},
+    }
     assert config("--set", "cflow.epochs=2").set == {
         **quick,
         "cflow": {**quick["cflow"], "epochs": "2"},
         "uflow": {"epochs": 3},
     }
     cells = expand_cells(config("--methods", "cflow,fastflow"), ["brick"])
-    assert {c.method: c.settings["epochs"] for c in cells} == {"cflow": 1, "fastflow": 10}
+    assert {c.method: c.settings["epochs"] for c in cells} == {"cflow": 1, "fastflow": 5}
 
 
 def test_interrupted_plugin_import_is_retried(monkeypatch):

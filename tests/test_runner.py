@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_datasets import make_mvtec
 
 import bench.runner.cell
 from bench.cli import main
+from bench.runner.run import EVIDENCE_FOLDER
 from bench.runner.store import STORE_NAME
 
 
@@ -187,3 +190,65 @@ def test_eval_every_stores_each_epoch_and_leaves_the_final_row_alone(data_root: 
     assert "Best epoch on test (optimistic, as in the paper's code)" in report
     assert (result.folder / "figures" / "auroc_by_epoch.png").is_file()
     assert "auroc_by_epoch" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+def _evidence_scores(out: Path, key: str) -> np.ndarray:
+    with np.load(out / EVIDENCE_FOLDER / f"{key}.npz") as stored:
+        return stored["scores"]
+
+
+def test_unified_fits_one_model_on_every_category_and_scores_each(data_root, tmp_path, monkeypatch):
+    """One fit (one run of the cell function) gives a row per category, marked unified;
+    its bottle scores equal those of a separate model trained on a category holding the
+    same images as bottle and screw together."""
+    both = data_root / "both"
+    (both / "train" / "good").mkdir(parents=True)
+    for i, image in enumerate(
+        sorted((data_root / "bottle" / "train" / "good").iterdir())
+        + sorted((data_root / "screw" / "train" / "good").iterdir())
+    ):
+        shutil.copy(image, both / "train" / "good" / f"{i:03d}.png")
+    shutil.copytree(data_root / "bottle" / "test", both / "test")
+    shutil.copytree(data_root / "bottle" / "ground_truth", both / "ground_truth")
+
+    seen = _count_cells(monkeypatch)
+    unified = tmp_path / "unified"
+    assert _run(data_root, unified, "--setting", "unified", "--no-profile") == 0
+    assert len(seen) == 1
+    rows = pd.read_csv(unified / "results.csv")
+    assert rows["category"].tolist() == ["bottle", "screw"]
+    assert set(rows["setting"]) == {"unified"}
+    assert set(rows["trained_on"]) == {"bottle,screw"}
+    assert rows["n_train"].tolist() == [8, 8] and rows["n_test"].tolist() == [4, 4]
+    assert rows["fit_seconds"].nunique() == 1 and rows["cell_key"].nunique() == 2
+
+    merged = tmp_path / "merged"
+    assert main(
+        ["run", "--methods", "padim", "--dataset", "mvtec", "--data-root", str(data_root),
+         "--categories", "both", "--input-size", "32", "--weights", "random", "--workers",
+         "0", "--out", str(merged), "--no-profile"]
+    ) == 0  # fmt: skip
+    reference = pd.read_csv(merged / "results.csv").iloc[0]
+    assert reference["setting"] == "separate" and pd.isna(reference["trained_on"])
+    np.testing.assert_allclose(
+        _evidence_scores(unified, rows["cell_key"][0]),
+        _evidence_scores(merged, reference["cell_key"]),
+        rtol=1e-5,
+    )
+
+    separate = tmp_path / "separate"
+    assert _run(data_root, separate, "--no-profile") == 0
+    assert set(pd.read_csv(separate / "results.csv")["cell_key"]).isdisjoint(rows["cell_key"])
+    seen.clear()
+    assert _run(data_root, unified, "--setting", "unified", "--no-profile") == 0
+    assert seen == []  # resumed: both rows are there
+
+
+def test_unified_refuses_per_category_settings(data_root, tmp_path, capsys):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("per_category:\n  screw: {padim.input_size: 64}\n")
+    assert _run(data_root, tmp_path / "out", "--setting", "unified", "--preset", str(preset)) == 2
+    err = capsys.readouterr().err
+    assert "--setting unified" in err and "screw" in err
+    assert _run(data_root, tmp_path / "out", "--setting", "both") == 2
+    assert "--setting both: expected separate or unified" in capsys.readouterr().err

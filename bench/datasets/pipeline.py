@@ -172,13 +172,47 @@ class ImageSet(torch.utils.data.Dataset):
         return to_tensor(read_image(self.samples[index].image), self.pre, self.augment, generator)
 
 
+class NativeMasks(Sequence):
+    """Native-resolution masks held as their defects' bounding boxes, rebuilt one at a time.
+
+    A normal image keeps only its size and an anomalous one the box around its defect
+    pixels, so a large test set (Real-IAD: thousands of masks of 1024 px or more) is never in
+    memory whole; indexing returns the full uint8 mask, as a list of arrays would.
+    """
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, int]] = []
+        self._boxes: list[tuple[int, int, np.ndarray] | None] = []
+
+    def append(self, mask: np.ndarray) -> None:
+        self.shapes.append((int(mask.shape[0]), int(mask.shape[1])))
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            self._boxes.append(None)
+            return
+        top, left = int(rows[0]), int(cols[0])
+        patch = mask[top : rows[-1] + 1, left : cols[-1] + 1].astype(np.uint8, copy=True)
+        self._boxes.append((top, left, patch))
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        mask = np.zeros(self.shapes[index], dtype=np.uint8)
+        box = self._boxes[index]
+        if box is not None:
+            top, left, patch = box
+            mask[top : top + patch.shape[0], left : left + patch.shape[1]] = patch
+        return mask
+
+
 @dataclass
 class GroundTruth:
     """Labels and masks of a test split, at model and at native resolution."""
 
     labels: np.ndarray  # (N,) int
     masks: np.ndarray | None  # (N, H, W) uint8 at model output size, or None
-    native_masks: list[np.ndarray] | None  # per image, at the ground truth's resolution
+    native_masks: NativeMasks | None  # per image, at the ground truth's resolution
 
 
 def _image_size(source: Path | np.ndarray) -> tuple[int, int]:
@@ -200,7 +234,7 @@ def load_ground_truth(samples: Sequence[Sample], pre: Preprocess, has_masks: boo
         return GroundTruth(labels, None, None)
     out_h, out_w = pre.output_size
     model_masks = np.zeros((len(samples), out_h, out_w), dtype=np.uint8)
-    native: list[np.ndarray] = []
+    native = NativeMasks()
     for i, sample in enumerate(samples):
         size = _image_size(sample.image)
         if sample.mask is None:

@@ -38,10 +38,10 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _column_keys(frame: pd.DataFrame) -> list[str]:
-    """Method always; backbone and reference only when the run has several of them."""
+    """Method always; backbone, reference and setting only when the run has several."""
     keys = ["method"]
-    for extra in ("backbone", "reference"):
-        if frame[extra].nunique() > 1:
+    for extra in ("backbone", "reference", "setting"):
+        if extra in frame and frame[extra].nunique() > 1:
             keys.append(extra)
     return keys
 
@@ -101,6 +101,9 @@ def caption(frame: pd.DataFrame, metric: str) -> str:
         f"reference {refs}; weights {weights}; "
         f"{'mean ± std over seeds ' if len(seeds) > 1 else 'seed '}{', '.join(map(str, seeds))}."
     )
+    if "setting" in frame and (frame["setting"] == "unified").any():
+        trained = ", ".join(sorted(frame["trained_on"].dropna().unique()))
+        text += f" Unified rows: one model per method, trained on {trained} together."
     if not frame["pretrained"].all():
         text += " Backbone NOT ImageNet-pretrained: not comparable with published numbers."
     return text

@@ -1,6 +1,9 @@
 """A cell (one method x dataset x category x backbone x seed, every setting resolved) and
 its whole life: data, features, fit, predict, metrics -> one result row.
 
+In the unified setting one fit serves every category of the run: the cell of the first
+category trains on all of their training images together and returns one row per category.
+
 ``run_cell`` is a plain function of its cell and environment, so any executor (local, or
 a Ray worker on another machine) can run it.
 """
@@ -51,6 +54,8 @@ class Cell:
     eval_every: int = 0  # also evaluate every K epochs during training (0: only at the end)
     fpr_limit: float = metrics.DEFAULT_FPR_LIMIT  # where every AUPRO column stops
     bootstrap: int = metrics.DEFAULT_RESAMPLES  # resamples of each confidence interval; 0: none
+    setting: str = "separate"  # or "unified": one model trained on every category in trained_on
+    trained_on: tuple[str, ...] = ()  # unified: the categories whose training images it fits
 
     def _payload(self) -> dict[str, Any]:
         """Fields at their defaults are left out, so keys of cells from before a field
@@ -70,20 +75,31 @@ class Cell:
     @property
     def work_key(self) -> str:
         """Identity of the computation: cells that differ only in the variant's name (such
-        as ``fastflow`` and ``fastflow-3x3`` where the reference is already 3x3-only) share it."""
-        payload = {k: v for k, v in self._payload().items() if k != "method"}
+        as ``fastflow`` and ``fastflow-3x3`` where the reference is already 3x3-only) share it.
+        Unified cells of one model share it across categories: one fit answers for all."""
+        ignored = {"method", "category"} if self.setting == "unified" else {"method"}
+        payload = {k: v for k, v in self._payload().items() if k not in ignored}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
+    @property
+    def evaluated(self) -> tuple[str, ...]:
+        """The categories whose test sets this cell's run scores."""
+        return self.trained_on if self.setting == "unified" else (self.category,)
+
     def label(self) -> str:
-        return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}"
+        unified = "/unified" if self.setting == "unified" else ""
+        return f"{self.method}/{self.backbone}/{self.category}/seed{self.seed}{unified}"
 
 
 _KEY_DEFAULTS = {
     "eval_every": 0,
     "fpr_limit": metrics.DEFAULT_FPR_LIMIT,
     "bootstrap": metrics.DEFAULT_RESAMPLES,
+    "setting": "separate",
+    "trained_on": (),
 }
+SETTINGS = ("separate", "unified")
 EVIDENCE_KEY = "evidence"  # the row carries the cell's Evidence here until the driver saves it
 
 
@@ -260,38 +276,62 @@ def _epochs_run(method: Method) -> int:
     return len(getattr(method, "history", [])) or getattr(method.settings, "epochs", 0)
 
 
-def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
-    """Train and evaluate one cell; returns its result row."""
+@dataclass
+class _TestSet:
+    """One category's test images, ground truth and streamed features."""
+
+    category: str
+    samples: list
+    images: ImageSet
+    gt: Any
+    features: StreamedFeatures
+
+
+def _test_set(
+    category: str, samples: list, pre: Preprocess, has_masks: bool,
+    extractor: FeatureExtractor, env: Environment,
+) -> _TestSet:  # fmt: skip
+    images = ImageSet(samples, pre)
+    features = StreamedFeatures(
+        extractor,
+        lambda b, s, g, d: _loader(images, b, env.workers),
+        len(images),
+        torch.device(env.device),
+    )
+    return _TestSet(category, samples, images, load_ground_truth(samples, pre, has_masks), features)
+
+
+def run_cell(cell: Cell, env: Environment) -> list[dict[str, Any]]:
+    """Train and evaluate one cell: one result row per evaluated category (one category,
+    except in the unified setting)."""
     seed_everything(cell.seed)
     peak = PeakMemory(torch.device(env.device))
     dataset = DATASETS.get(cell.dataset)(Path(env.data_root) if env.data_root else None)
-    dataset.check_category(cell.category)
-    train_samples = dataset.train(cell.category)
-    test_samples = dataset.test(cell.category)
+    for category in cell.evaluated:
+        dataset.check_category(category)
+    train_samples = [s for category in cell.evaluated for s in dataset.train(category)]
+    test_samples = {category: dataset.test(category) for category in cell.evaluated}
     method, extractor, pre = build_method(cell, env)
     train_images = ImageSet(train_samples, pre)
-    test_images = ImageSet(test_samples, pre)
-    gt = load_ground_truth(test_samples, pre, dataset.has_masks)
+    tests = [
+        _test_set(c, samples, pre, dataset.has_masks, extractor, env)
+        for c, samples in test_samples.items()
+    ]
 
     sync = torch.cuda.synchronize if env.device.startswith("cuda") else (lambda: None)
-    test = StreamedFeatures(
-        extractor,
-        lambda b, s, g, d: _loader(test_images, b, env.workers),
-        len(test_images),
-        torch.device(env.device),
-    )
     maps_shape = pre.output_size if dataset.has_masks else None
-    history: list[dict[str, Any]] = []
+    history: dict[str, list[dict[str, Any]]] = {t.category: [] for t in tests}
     evaluating = [0.0]  # seconds spent in evaluations during fit, not counted as fit time
 
     def evaluate_epoch(epoch: int) -> None:
         if epoch % cell.eval_every:
             return
         start = time.perf_counter()
-        with preserved_random_state():
-            scores, maps = predict_test_set(method, test, maps_shape)
-        values = metrics.evaluate(gt, scores, maps, cell.fpr_limit)
-        history.append({"epoch": epoch, **values})
+        for test in tests:
+            with preserved_random_state():
+                scores, maps = predict_test_set(method, test.features, maps_shape)
+            values = metrics.evaluate(test.gt, scores, maps, cell.fpr_limit)
+            history[test.category].append({"epoch": epoch, **values})
         evaluating[0] += time.perf_counter() - start
 
     if cell.eval_every:
@@ -304,53 +344,60 @@ def run_cell(cell: Cell, env: Environment) -> dict[str, Any]:
     sync()
     t2 = time.perf_counter()
     del train
+    fit_seconds = t2 - t1 - evaluating[0]
 
-    scores, maps = predict_test_set(method, test, maps_shape)
-    sync()
-    t3 = time.perf_counter()
-    values, evidence = metrics.evaluate_with_evidence(gt, scores, maps, cell.fpr_limit)
-    if cell.bootstrap:
-        values.update(metrics.confidence_intervals(evidence, cell.bootstrap))
-    t4 = time.perf_counter()
-    n = len(test_images)
-    if cell.eval_every and (not history or history[-1]["epoch"] != _epochs_run(method)):
-        history.append({"epoch": _epochs_run(method), **values})
-    costs = cell_costs(method, extractor, env.profile, peak, fit_seconds=t2 - t1 - evaluating[0])
-
-    row = ResultRow(
-        dataset=cell.dataset,
-        category=cell.category,
-        method=cell.method,
-        base_method=cell.base,
-        backbone=cell.backbone,
-        seed=cell.seed,
-        reference=cell.reference,
-        weights=extractor.weights.describe(),
-        weights_id=extractor.weights.ident,
-        pretrained=extractor.weights.pretrained,
-        input=pre.describe(),
-        metrics=values,
-        aupro_fpr_limit=cell.fpr_limit,
-        n_train=len(train_samples),
-        n_test=n,
-        n_anomalous=int(gt.labels.sum()),
-        trainable_params=method.trainable_parameters(),
-        feature_seconds=t1 - t0,
-        fit_seconds=t2 - t1 - evaluating[0],
-        test_seconds=t3 - t2,
-        metric_seconds=t4 - t3,
-        **costs,
-        device=env.device,
-        threads=torch.get_num_threads(),
-        settings=cell.settings,
-        cell_key=cell.key,
-        history=history or None,
-        extra=method.extra_metrics(maps, gt.masks),
-    ).to_dict()
-    if maps is not None:
-        row[examples.EXAMPLES_KEY] = examples.collect(test_samples, pre, gt.masks, maps)
-    row[EVIDENCE_KEY] = evidence
-    return row
+    rows = []
+    for test in tests:
+        start = time.perf_counter()
+        scores, maps = predict_test_set(method, test.features, maps_shape)
+        sync()
+        tested = time.perf_counter()
+        values, evidence = metrics.evaluate_with_evidence(test.gt, scores, maps, cell.fpr_limit)
+        if cell.bootstrap:
+            values.update(metrics.confidence_intervals(evidence, cell.bootstrap))
+        measured = time.perf_counter()
+        epochs = history[test.category]
+        if cell.eval_every and (not epochs or epochs[-1]["epoch"] != _epochs_run(method)):
+            epochs.append({"epoch": _epochs_run(method), **values})
+        row = ResultRow(
+            dataset=cell.dataset,
+            category=test.category,
+            method=cell.method,
+            base_method=cell.base,
+            backbone=cell.backbone,
+            seed=cell.seed,
+            reference=cell.reference,
+            weights=extractor.weights.describe(),
+            weights_id=extractor.weights.ident,
+            pretrained=extractor.weights.pretrained,
+            input=pre.describe(),
+            metrics=values,
+            aupro_fpr_limit=cell.fpr_limit,
+            n_train=len(train_samples),
+            n_test=len(test.images),
+            n_anomalous=int(test.gt.labels.sum()),
+            trainable_params=method.trainable_parameters(),
+            feature_seconds=t1 - t0,
+            fit_seconds=fit_seconds,
+            test_seconds=tested - start,
+            metric_seconds=measured - tested,
+            device=env.device,
+            threads=torch.get_num_threads(),
+            settings=cell.settings,
+            setting=cell.setting,
+            trained_on=",".join(cell.trained_on) if cell.setting == "unified" else None,
+            history=epochs or None,
+            extra=method.extra_metrics(maps, test.gt.masks),
+        ).to_dict()
+        if maps is not None:
+            row[examples.EXAMPLES_KEY] = examples.collect(test.samples, pre, test.gt.masks, maps)
+        row[EVIDENCE_KEY] = evidence
+        rows.append(row)
+    costs = cell_costs(method, extractor, env.profile, peak, fit_seconds=fit_seconds)
+    for row in rows:
+        row.update(costs)
+        row["cell_key"] = dataclasses.replace(cell, category=row["category"]).key
+    return rows
 
 
 def describe_failure(exc: BaseException, debug: bool) -> str:

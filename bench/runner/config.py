@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 SHARED_SETTINGS = ("input_size", "epochs", "batch_size", "lr")
 
 EXECUTORS = ("local", "ray")
+TRAINING_SETTINGS = ("separate", "unified")  # a model per category, or one for all of them
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunConfig:
     categories: list[str] = field(default_factory=lambda: ["all"])
     backbones: list[str] = field(default_factory=lambda: ["resnet18"])
     seeds: list[int] = field(default_factory=lambda: [0])
+    setting: str = "separate"  # or "unified": one model on every chosen category's images
     reference: str = "original"
     weights: str = "auto"
     input_size: int | None = None
@@ -78,6 +80,8 @@ class RunConfig:
         for name in self.methods:
             METHODS.entry(name)
         DATASETS.entry(self.dataset)
+        if self.setting not in TRAINING_SETTINGS:
+            raise BenchError(f"--setting {self.setting}: expected {' or '.join(TRAINING_SETTINGS)}")
         if not self.seeds:
             raise BenchError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
         if not 0 < self.fpr_limit <= 1:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from bench.runner.cell import Cell, Environment, describe_failure, run_cell
 
-OnResult = Callable[[Cell, dict[str, Any]], None]
+OnResult = Callable[[Cell, list[dict[str, Any]]], None]  # a cell's rows
 OnFailure = Callable[[Cell, str], None]
 
 
@@ -33,10 +33,10 @@ class LocalExecutor:
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(cell.label())
             try:
-                row = run_cell(cell, env)
+                rows = run_cell(cell, env)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one broken cell must not stop the grid
                 on_failure(cell, describe_failure(exc, self.debug))
                 continue
-            on_result(cell, row)
+            on_result(cell, rows)

@@ -61,9 +61,24 @@ def check_set_scopes(config: RunConfig) -> None:
             )
 
 
+def check_unified(config: RunConfig, categories: list[str]) -> None:
+    """One model for every category cannot take one category's own settings."""
+    if config.setting != "unified":
+        return
+    own = [c for c in categories if config.per_category.get(c)]
+    if own:
+        raise BenchError(
+            f"--setting unified: the preset sets per-category settings for {', '.join(own)}, "
+            "but one model serves every category; use --setting separate or drop per_category"
+        )
+
+
 def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
-    """The grid in a stable order: backbone, category, method, seed."""
+    """The grid in a stable order: backbone, category, method, seed. In the unified setting
+    each category still gets its cell (and row); they share one fit."""
     check_set_scopes(config)
+    check_unified(config, categories)
+    unified = config.setting == "unified"
     cells = []
     for backbone in config.backbones:
         for category in categories:
@@ -84,6 +99,8 @@ def expand_cells(config: RunConfig, categories: list[str]) -> list[Cell]:
                             eval_every=config.eval_every,
                             fpr_limit=config.fpr_limit,
                             bootstrap=config.bootstrap,
+                            setting=config.setting,
+                            trained_on=tuple(categories) if unified else (),
                         )
                     )
     return cells

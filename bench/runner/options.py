@@ -119,6 +119,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("set_items", ("--set",),
            "override one method setting, e.g. fastflow.conv3x3_only=true (repeatable)",
            GRID | {SPEED}, action="append", metavar="METHOD.KEY=VALUE"),
+    Option("setting", ("--setting",),
+           "separate (default): a model per category; unified: one model per method, "
+           "backbone and seed trained on every chosen category's images, scored per category",
+           CONFIG),
     Option("eval_every", ("--eval-every",),
            "also evaluate on the test set every K epochs (stored per epoch; tables show the "
            "last epoch)", GRID, int, metavar="K"),

@@ -55,7 +55,7 @@ def plugin_modules(cells: list[Cell]) -> tuple[str, ...]:
 def run_on_worker(
     cell: Cell, env: Environment, threads: int, modules: tuple[str, ...], debug: bool
 ) -> tuple[str, Any]:
-    """The body of one Ray task: ("done", row) or ("failed", reason), like a local cell."""
+    """The body of one Ray task: ("done", rows) or ("failed", reason), like a local cell."""
     try:
         for module in modules:
             importlib.import_module(module)

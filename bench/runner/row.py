@@ -72,6 +72,10 @@ class ResultRow:
     device: str = "cpu"
     threads: int = 1
     settings: dict[str, Any] = field(default_factory=dict)
+    # "separate": a model per category; "unified": one model fitted on the training images of
+    # every category in trained_on (comma-separated), its fit time the same in each row
+    setting: str = "separate"
+    trained_on: str | None = None
     cell_key: str = ""
     # with --eval-every: [{"epoch": k, <metric>: value, ...}, ...], the last entry the final
     # epoch (the row's own metrics); None otherwise

@@ -104,7 +104,8 @@ def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
     """First cell of each computation -> every cell it answers for (itself first).
 
     A variant whose settings equal its base's for this backbone and reference computes the
-    same thing; it runs once and each name gets its own row.
+    same thing; it runs once and each name gets its own row. In the unified setting the
+    cells of every category of one model are one computation too.
     """
     first: dict[str, Cell] = {}
     groups: dict[str, list[Cell]] = {}
@@ -145,17 +146,21 @@ def run_grid(
     twins = group_identical(todo)
     log = CellLog(len(todo), enabled=not env.progress)
 
-    def on_result(cell: Cell, row: dict[str, Any]) -> None:
-        keys = [t.key for t in twins[cell.key]]
-        examples.save(folder, keys, row.pop(examples.EXAMPLES_KEY, None))
-        evidence = row.pop(EVIDENCE_KEY)
-        for key in keys:
-            target = folder / EVIDENCE_FOLDER / f"{key}.npz"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            evidence.save(target)
-        for twin in twins[cell.key]:
-            store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
-            log.finished(twin, row)
+    def on_result(cell: Cell, rows: list[dict[str, Any]]) -> None:
+        by_category = {row["category"]: row for row in rows}
+        for category in dict.fromkeys(t.category for t in twins[cell.key]):
+            row = by_category[category]
+            answered = [t for t in twins[cell.key] if t.category == category]
+            keys = [t.key for t in answered]
+            examples.save(folder, keys, row.pop(examples.EXAMPLES_KEY, None))
+            evidence = row.pop(EVIDENCE_KEY)
+            for key in keys:
+                target = folder / EVIDENCE_FOLDER / f"{key}.npz"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                evidence.save(target)
+            for twin in answered:
+                store.put_result(twin, {**row, "method": twin.method, "cell_key": twin.key})
+                log.finished(twin, row)
 
     def on_failure(cell: Cell, error: str) -> None:
         for twin in twins[cell.key]:
