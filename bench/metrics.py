@@ -39,15 +39,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
-from bench.datasets.pipeline import GroundTruth
 from bench.errors import BenchError
+
+if TYPE_CHECKING:  # reading stored evidence (bench report, compare) needs no torch
+    from bench.datasets.pipeline import GroundTruth
 
 DEFAULT_FPR_LIMIT = 0.3
 DEFAULT_RESAMPLES = 1000
@@ -74,8 +74,12 @@ ImageStack = np.ndarray | Sequence[Any]
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
 def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         return x.detach().cpu().numpy()
     return np.asarray(x)
 
@@ -175,8 +179,8 @@ def _check_key_dtype(keys: np.ndarray, expected: np.dtype) -> None:
 
 
 def _prepare(masks: ImageStack, maps: ImageStack) -> tuple[ImageStack, ImageStack]:
-    masks = _to_numpy(masks) if isinstance(masks, torch.Tensor) else masks
-    maps = _to_numpy(maps) if isinstance(maps, torch.Tensor) else maps
+    masks = _to_numpy(masks) if _is_tensor(masks) else masks
+    maps = _to_numpy(maps) if _is_tensor(maps) else maps
     if isinstance(masks, np.ndarray) and masks.ndim == 2:
         masks = masks[None]
     if isinstance(maps, np.ndarray) and maps.ndim == 2:
@@ -503,6 +507,9 @@ class _NativeMaps(Sequence):
         size = tuple(self.sizes[index])
         if score.shape == size:
             return score
+        import torch
+        import torch.nn.functional as F
+
         tensor = torch.from_numpy(np.ascontiguousarray(score, dtype=np.float32))[None, None]
         with torch.no_grad():
             out = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)

@@ -20,8 +20,10 @@ T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "flowad_bench.plugins"
 
-# Every module in these packages is imported, so a new plugin is one file with a decorator.
-_BUILTIN_PACKAGES = ("bench.datasets", "bench.methods")
+# Every module in a registry's package is imported, so a new plugin is one file with a
+# decorator; shared helpers that register nothing are left to whoever needs them (the image
+# pipeline imports torch, which reading a run folder's datasets must not).
+_HELPERS = frozenset({"base", "pipeline", "split_file", "uflow_nfa"})
 
 
 @dataclass
@@ -34,8 +36,9 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A named table of plugins; unknown names raise an error listing the known ones."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, package: str | None = None) -> None:
         self.kind = kind
+        self.package = package  # where the built-in plugins of this kind live
         self._entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
@@ -51,7 +54,7 @@ class Registry(Generic[T]):
         self._entries[name] = Entry(name, obj, meta)
 
     def entry(self, name: str) -> Entry[T]:
-        load_plugins()
+        load_plugins(self.package)
         if name not in self._entries:
             known = ", ".join(sorted(self._entries)) or "(none)"
             raise BenchError(f"unknown {self.kind} '{name}'; known: {known}")
@@ -61,44 +64,48 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def names(self) -> list[str]:
-        load_plugins()
+        load_plugins(self.package)
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        load_plugins()
+        load_plugins(self.package)
         return name in self._entries
 
 
-METHODS: Registry[Any] = Registry("method")
-DATASETS: Registry[Any] = Registry("dataset")
+METHODS: Registry[Any] = Registry("method", "bench.methods")
+DATASETS: Registry[Any] = Registry("dataset", "bench.datasets")
 BACKBONES: Registry[Any] = Registry("backbone")
 
-_loaded = False
+_loaded: set[str | None] = set()  # built-in packages imported; None: the entry points
 
 
-def load_plugins() -> None:
-    """Import the built-in plugin modules and every installed entry-point plugin once.
+def load_plugins(package: str | None = None) -> None:
+    """Import the entry-point plugins once, and a built-in package's plugin modules once
+    (every package's when none is named).
 
-    The flag is set first, so a plugin that looks something up while it is imported does
-    not start the import over; an import cut short (an error, Ctrl-C) clears it again so
-    the next lookup retries instead of seeing an empty registry.
+    Each part is marked loaded first, so a plugin that looks something up while it is
+    imported does not start the import over; an import cut short (an error, Ctrl-C)
+    unmarks it again so the next lookup retries instead of seeing an empty registry.
     """
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    try:
-        _import_plugins()
-    except BaseException:
-        _loaded = False
-        raise
+    packages = [package] if package else [r.package for r in (METHODS, DATASETS)]
+    for part in [*packages, None]:
+        if part in _loaded:
+            continue
+        _loaded.add(part)
+        try:
+            _import_plugins(part)
+        except BaseException:
+            _loaded.discard(part)
+            raise
 
 
-def _import_plugins() -> None:
-    for package_name in _BUILTIN_PACKAGES:
+def _import_plugins(package_name: str | None) -> None:
+    if package_name is not None:
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package_name}.{info.name}")
+            if info.name not in _HELPERS:
+                importlib.import_module(f"{package_name}.{info.name}")
+        return
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()

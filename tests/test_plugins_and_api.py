@@ -50,7 +50,7 @@ def installed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     registry.load_plugins()  # the built-ins first, so only the plugin is new below
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(registry.METHODS, "_entries", dict(registry.METHODS._entries))
-    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_loaded", set())
     monkeypatch.delitem(sys.modules, "flowad_mean_distance", raising=False)
     return "mean-distance"
 

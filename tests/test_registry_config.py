@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from importlib.metadata import EntryPoint
 
@@ -48,7 +49,7 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     fake = EntryPoint(name="mine", value="my_plugin", group=registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda group: [fake])
-    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_loaded", set())
     try:
         assert "my-data" in DATASETS.names()
     finally:
@@ -59,7 +60,7 @@ def test_entry_point_plugin_is_loaded(tmp_path, monkeypatch):
 def test_broken_plugin_is_named(monkeypatch):
     fake = EntryPoint(name="broken", value="no_such_module_xyz", group=registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "entry_points", lambda group: [fake])
-    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_loaded", set())
     with pytest.raises(BenchError, match="plugin 'broken'"):
         registry.load_plugins()
 
@@ -160,17 +161,28 @@ def test_interrupted_plugin_import_is_retried(monkeypatch):
     calls = []
     real = registry._import_plugins
 
-    def interrupted_once():
-        calls.append(1)
+    def interrupted_once(package):
+        calls.append(package)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        real()
+        real(package)
 
-    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_loaded", set())
     monkeypatch.setattr(registry, "_import_plugins", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
         registry.load_plugins()
-    assert "padim" in registry.METHODS.names() and len(calls) == 2
+    assert "padim" in registry.METHODS.names() and calls[:2] == ["bench.methods"] * 2
+
+
+def test_reading_datasets_imports_no_method_and_no_torch() -> None:
+    """`bench report` and the paper tables look datasets up; that must stay torch-free."""
+    code = (
+        "import sys; from bench.registry import DATASETS; "
+        "assert 'mvtec' in DATASETS.names() and DATASETS.get('mvtec').categories; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('bench.methods')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_per_category_settings_override_everything_for_their_category() -> None:

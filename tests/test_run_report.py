@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,15 @@ def test_run_writes_report_and_bench_report_rebuilds_it(tmp_path: Path) -> None:
         with Image.open(run / "figures" / name) as image:
             assert image.width > 300
     assert (run / "tables.md").is_file() and (run / "results.csv").is_file()
+
+    # Reading a run folder needs neither torch nor timm: `bench report` starts fast.
+    code = (
+        f"import sys; from bench.cli import main; assert main(['report', {str(run)!r}]) == 0; "
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (run / "report.md").read_text() == report
 
 
 def _row(method: str, backbone: str, category: str, auroc: float, **extra) -> dict:

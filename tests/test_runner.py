@@ -14,8 +14,7 @@ from test_datasets import make_mvtec
 
 import bench.runner.cell
 from bench.cli import main
-from bench.runner.run import EVIDENCE_FOLDER
-from bench.runner.store import STORE_NAME
+from bench.runner.store import EVIDENCE_FOLDER, STORE_NAME
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ from bench.report.statistics import (
     sign_test,
     wilcoxon_test,
 )
-from bench.runner.run import EVIDENCE_FOLDER
-from bench.runner.store import read_store
+from bench.runner.store import EVIDENCE_FOLDER, read_store
 
 MIN_CATEGORIES_FOR_RANKS = 5
 PAIR_KEYS = ("dataset", "category", "backbone", "seed", "reference")

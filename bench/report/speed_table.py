@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError
-from bench.profiling import ProfileSettings
+
+if TYPE_CHECKING:
+    from bench.profiling import ProfileSettings
 
 # (header, row key or keys, format): keys joined by " / " print as median / p95.
 COLUMNS: list[tuple[str, tuple[str, ...], str]] = [

@@ -11,13 +11,15 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from bench.datasets.base import Sample
-from bench.datasets.pipeline import IMAGENET_MEAN, IMAGENET_STD, Preprocess, read_image, to_tensor
+
+if TYPE_CHECKING:  # the gallery reads saved examples without torch
+    from bench.datasets.pipeline import Preprocess
 
 EXAMPLES_KEY = "examples"
 FOLDER = "examples"
@@ -48,6 +50,10 @@ def _shrunk_size(h: int, w: int) -> tuple[int, int]:
 
 def _display_image(sample: Sample, pre: Preprocess) -> np.ndarray:
     """The model's view of the image (resized, cropped) as uint8 RGB."""
+    import torch
+
+    from bench.datasets.pipeline import IMAGENET_MEAN, IMAGENET_STD, read_image, to_tensor
+
     tensor = to_tensor(read_image(sample.image), pre)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -14,8 +14,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bench.runner.config import RunConfig
 
 RUN_JSON = "run.json"
@@ -47,6 +45,8 @@ def _versions() -> dict[str, str | None]:
 
 
 def _hardware(device: str) -> dict[str, Any]:
+    import torch  # only writing run.json asks torch; reading it does not
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -24,9 +24,7 @@ from bench.runner.config import EXECUTORS, RunConfig
 from bench.runner.executors import Executor, LocalExecutor
 from bench.runner.grid import expand_cells
 from bench.runner.provenance import write_run_json
-from bench.runner.store import ResultStore
-
-EVIDENCE_FOLDER = "evidence"  # per cell: what its confidence intervals and paired tests resample
+from bench.runner.store import EVIDENCE_FOLDER, ResultStore
 
 
 @dataclass

@@ -10,12 +10,15 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.errors import BenchError
-from bench.runner.cell import Cell
+
+if TYPE_CHECKING:  # readers of a run folder (report, compare) import no torch
+    from bench.runner.cell import Cell
 
 STORE_NAME = "results.sqlite"
+EVIDENCE_FOLDER = "evidence"  # per cell: what its confidence intervals and paired tests resample
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
