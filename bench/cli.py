@@ -2,7 +2,7 @@
 
 It parses and calls; the work is done by the Python API (``bench.run``) and the packages
 below it. Options shared between commands come from one table (``bench.runner.options``);
-nothing heavy (torch, timm, seaborn) is imported before a command needs it, so
+nothing heavy (torch, timm, matplotlib) is imported before a command needs it, so
 ``bench --help`` is instant.
 """
 

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import ndimage
 
 from bench.errors import BenchError
 
@@ -335,6 +334,8 @@ def _regions(mask: np.ndarray) -> _Regions:
     if anomalous.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty, empty
+    from scipy import ndimage  # not needed to read stored evidence
+
     labels, n = ndimage.label(mask[anomalous], structure=_STRUCTURE_3D)
     where = np.flatnonzero(labels)
     ids = labels.ravel()[where] - 1
@@ -562,6 +563,8 @@ class _CflowSteps:
 def _cflow_regions(mask: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
     """Each 8-connected region of one 2-D mask the way CFLOW-AD scores it: the flat indices of
     its hole-filled bounding-box image, and its area (its own pixels only)."""
+    from scipy import ndimage  # not needed to read stored evidence
+
     labels, _ = ndimage.label(mask, structure=_STRUCTURE_2D)
     width = mask.shape[1]
     for k, box in enumerate(ndimage.find_objects(labels), start=1):

@@ -1,4 +1,4 @@
-"""The run folder's figures (seaborn, PNG): AUROC per category, accuracy against latency,
+"""The run folder's figures (matplotlib, PNG): AUROC per category, accuracy against latency,
 and an anomaly-map gallery per category.
 
 Every figure is drawn from result rows and the saved examples alone. A figure whose data
@@ -18,15 +18,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 
 from bench.runner import examples  # noqa: E402
 
 FOLDER = "figures"
 DPI = 100
+PNG_COMPRESSION = 1  # zlib level: a few percent larger files, several times faster to write
 MAP_CMAP = "inferno"
 MASK_COLOUR = "cyan"
 MAX_LABELLED_BARS = 60
+STYLE = {  # a light grid and small type, for figures pasted beside tables
+    "axes.grid": True,
+    "grid.color": "#dddddd",
+    "axes.axisbelow": True,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "legend.fontsize": 8,
+}
+MARKERS = "osD^vP*Xh"
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,7 @@ def series_labels(frame: pd.DataFrame) -> pd.Series:
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
     plt.close(fig)
     return path
 
@@ -72,36 +83,38 @@ def auroc_bars(frame: pd.DataFrame, folder: Path) -> Figure:
     long = pd.concat([long, means.assign(category="mean")], ignore_index=True)
     long["metric"] = long["metric"].map({"image_auroc": "image", "pixel_auroc": "pixel"})
     categories = list(dict.fromkeys(frame["category"])) + ["mean"]
+    series = list(dict.fromkeys(long["series"]))
     several_seeds = frame["seed"].nunique() > 1
-    width = max(6.0, 0.35 * len(categories) * max(1, long["series"].nunique()) + 2)
-    grid = sns.catplot(
-        data=long,
-        kind="bar",
-        x="category",
-        y="AUROC (%)",
-        hue="series",
-        row="metric",
-        order=categories,
-        errorbar="sd" if several_seeds else None,
-        height=2.8,
-        aspect=width / 2.8,
-        legend_out=True,
+    width = max(6.0, 0.35 * len(categories) * max(1, len(series)) + 2)
+    panels = [m for m in ("image", "pixel") if (long["metric"] == m).any()]
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(width, 2.8 * len(panels) + 0.4), squeeze=False
     )
     # Bars start at chance level (50) unless some value is below it.
-    grid.set(ylim=(50 if long["AUROC (%)"].min() >= 50 else 0, 101))
-    grid.set_titles("{row_name} AUROC")
-    for ax in grid.axes.flat:
-        ax.tick_params(axis="x", rotation=30, labelbottom=True)
-        if len(ax.patches) <= MAX_LABELLED_BARS:
-            for bars in ax.containers:
+    bottom = 50 if long["AUROC (%)"].min() >= 50 else 0
+    step = 0.8 / len(series)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[:, 0], panels, strict=True):
+        part = long[long["metric"] == panel]
+        for k, name in enumerate(series):
+            values = part[part["series"] == name].groupby("category")["AUROC (%)"]
+            mean, sd = values.mean(), values.std(ddof=1)
+            x = [i - 0.4 + step * (k + 0.5) for i, c in enumerate(categories) if c in mean]
+            heights = [mean[c] for c in categories if c in mean]
+            errors = [sd.get(c) for c in categories if c in mean] if several_seeds else None
+            bars = ax.bar(x, heights, step, yerr=errors, label=name,
+                          color=colours[k % len(colours)], capsize=2)  # fmt: skip
+            if len(series) * len(categories) <= MAX_LABELLED_BARS:
                 ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
-    if grid.legend is not None:
-        grid.legend.set_title("")
+        ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        ax.set_ylim(bottom, 101)
+        ax.set_ylabel("AUROC (%)")
+        ax.set_title(f"{panel} AUROC")
+    axes[0, 0].legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     seeds = "mean ± sd over seeds" if several_seeds else "one seed"
-    grid.figure.suptitle(f"AUROC per category ({seeds})")
-    grid.tight_layout()
-    grid.figure.subplots_adjust(top=0.88)
-    return Figure(title, _save(grid.figure, folder / FOLDER / "auroc_by_category.png"))
+    fig.suptitle(f"AUROC per category ({seeds})")
+    fig.tight_layout()
+    return Figure(title, _save(fig, folder / FOLDER / "auroc_by_category.png"))
 
 
 def accuracy_latency(frame: pd.DataFrame, folder: Path) -> Figure:
@@ -124,22 +137,21 @@ def accuracy_latency(frame: pd.DataFrame, folder: Path) -> Figure:
     points["method"] = points[labels].astype(str).agg(" / ".join, axis=1)
     order = list(dict.fromkeys(frame[labels].astype(str).agg(" / ".join, axis=1)))
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
-    sns.scatterplot(
-        data=points,
-        x="latency",
-        y="auroc",
-        hue="method",
-        hue_order=order,
-        style="backbone",
-        s=90,
-        ax=ax,
-    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    backbones = list(dict.fromkeys(points["backbone"]))
+    for k, name in enumerate(order):
+        for b, backbone in enumerate(backbones):
+            here = points[(points["method"] == name) & (points["backbone"] == backbone)]
+            if not here.empty:
+                label = name if len(backbones) == 1 else f"{name}, {backbone}"
+                ax.scatter(here["latency"], here["auroc"], s=90, label=label,
+                           color=colours[k % len(colours)], marker=MARKERS[b % len(MARKERS)])  # fmt: skip
     if points["latency"].max() > 20 * points["latency"].min():
         ax.set_xscale("log")
     ax.set_xlabel("end-to-end latency per image, batch 1 (ms, median)")
     ax.set_ylabel("image AUROC (%), mean over categories")
     ax.set_title("Accuracy against latency (one point per method x backbone)")
-    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     return Figure(title, _save(fig, folder / FOLDER / "accuracy_vs_latency.png"))
 
@@ -155,7 +167,10 @@ def epoch_curves(frame: pd.DataFrame, folder: Path) -> Figure | None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         data = long.assign(value=100 * long[metric].astype(float))
-        sns.lineplot(data=data, x="epoch", y="value", hue="series", marker="o", ax=ax)
+        for name, part in data.groupby("series", sort=False):
+            curve = part.groupby("epoch")["value"].mean()
+            ax.plot(curve.index, curve.values, marker="o", label=str(name))
+        ax.set_xlabel("epoch")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.set_title(f"{metric.split('_')[0]} AUROC, mean over categories")
         ax.legend(fontsize=7, frameon=False)
@@ -196,12 +211,11 @@ def gallery(frame: pd.DataFrame, folder: Path, category: str) -> Figure:
     first = max((found for _, found in columns), key=lambda f: float(f.get("field", 1.0)))
     names = [str(n) for n in first["names"]]
     n_rows, n_cols = len(names), 2 + len(columns)
-    fig, axes = plt.subplots(
-        n_rows,
-        n_cols,
-        figsize=(1.7 * n_cols, 1.7 * n_rows + 0.9),
-        squeeze=False,
-        layout="constrained",
+    height = 1.7 * n_rows + 1.6
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.7 * n_cols, height), squeeze=False)
+    # A fixed layout: the constrained solver drew the figure twice and cost more than the rest.
+    fig.subplots_adjust(
+        left=0.1, right=0.98, top=1 - 0.75 / height, bottom=0.6 / height, wspace=0.05, hspace=0.05
     )
     for ax in axes.flat:
         ax.set_xticks([])
@@ -229,7 +243,9 @@ def gallery(frame: pd.DataFrame, folder: Path, category: str) -> Figure:
                 )
         axes[0, c].set_title(label, fontsize=8)
         if image is not None:
-            bar = fig.colorbar(image, ax=axes[:, c], location="bottom", shrink=0.9, aspect=12)
+            # Under the column, outside the grid, so every row keeps the same size.
+            below = axes[-1, c].inset_axes((0.05, -0.16, 0.9, 0.07))
+            bar = fig.colorbar(image, cax=below, orientation="horizontal")
             bar.ax.tick_params(labelsize=6)
             bar.ax.xaxis.get_major_locator().set_params(nbins=3)
     fig.suptitle(
@@ -245,13 +261,12 @@ def write_figures(folder: Path, rows: list[dict[str, Any]]) -> list[Figure]:
     """Every figure of a run folder, rebuilt from its result rows and saved examples."""
     frame = pd.DataFrame(rows)
     frame["series"] = series_labels(frame)
-    with sns.plotting_context("paper"):
-        with sns.axes_style("whitegrid"):
-            figures = [auroc_bars(frame, folder), accuracy_latency(frame, folder)]
-            curves = epoch_curves(frame, folder)
-            figures += [curves] if curves is not None else []
-        with sns.axes_style("white"):
-            galleries = [gallery(frame, folder, c) for c in dict.fromkeys(frame["category"])]
+    with plt.rc_context(STYLE):
+        figures = [auroc_bars(frame, folder), accuracy_latency(frame, folder)]
+        curves = epoch_curves(frame, folder)
+        figures += [curves] if curves is not None else []
+    with plt.rc_context({**STYLE, "axes.grid": False}):
+        galleries = [gallery(frame, folder, c) for c in dict.fromkeys(frame["category"])]
     if all(g.path is None for g in galleries):
         note = "skipped: no cell saved anomaly maps (a dataset without masks, or an older run)"
         return [*figures, Figure("Anomaly maps", None, note)]

@@ -9,6 +9,9 @@
 * Several seeds of one cell: ``over_seeds``, the mean with a Student-t interval.
 
 Metrics are "higher is better" throughout, like every metric in ``bench.metrics``.
+
+scipy and matplotlib are imported by the functions that use them, so a report that needs
+no test starts without them.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from scipy import stats
 
 from bench.metrics import (
     DEFAULT_LEVEL,
@@ -103,6 +104,8 @@ def sign_test(a: Sequence[float | None], b: Sequence[float | None]) -> TestResul
 
     The statistic is A's wins; n the categories that have one.
     """
+    from scipy import stats
+
     differences = _pairs(a, b)
     differences = differences[differences != 0]
     if differences.size == 0:
@@ -115,6 +118,8 @@ def sign_test(a: Sequence[float | None], b: Sequence[float | None]) -> TestResul
 def wilcoxon_test(a: Sequence[float | None], b: Sequence[float | None]) -> TestResult | None:
     """Wilcoxon signed-rank test of A - B over categories (zero differences dropped, scipy's
     default; exact p-value for small samples without ties). None without a nonzero difference."""
+    from scipy import stats
+
     differences = _pairs(a, b)
     differences = differences[differences != 0]
     if differences.size == 0:
@@ -145,6 +150,8 @@ def nemenyi_critical_difference(n_methods: int, n_categories: int, alpha: float 
     CD = q_alpha sqrt(k (k + 1) / (6 N)), q_alpha the studentized range quantile for k groups
     and infinite degrees of freedom divided by sqrt 2 (1.960, 2.344, 2.569 for k = 2, 3, 4).
     """
+    from scipy import stats
+
     if n_methods < 2 or n_categories < 1:
         raise ValueError("a critical difference needs two methods and one category")
     q = stats.studentized_range.ppf(1.0 - alpha, n_methods, np.inf) / np.sqrt(2.0)
@@ -158,6 +165,8 @@ def rank_methods(scores: Mapping[str, Sequence[float | None]], alpha: float = 0.
     every method. Categories where any method lacks a value are left out: the Friedman test
     needs complete blocks.
     """
+    from scipy import stats
+
     methods = tuple(scores)
     if len(methods) < 2:
         raise ValueError("ranking needs at least two methods")
@@ -207,6 +216,8 @@ def critical_difference_diagram(ranks: Ranks, path: str | Path, title: str = "")
     """Demsar's diagram as a PNG: the axis of mean ranks (1, the best, on the left), the
     critical difference above it, each method's name on the side of its rank, and a bar under
     each group of methods that do not differ significantly."""
+    from matplotlib.figure import Figure
+
     path = Path(path)
     k = len(ranks.methods)
     order = [int(i) for i in np.argsort(ranks.mean_ranks, kind="stable")]
@@ -272,6 +283,8 @@ class SeedSummary:
 
 def over_seeds(values: Sequence[float | None], level: float = DEFAULT_LEVEL) -> SeedSummary | None:
     """Mean of one cell's metric over its seeds; missing values are left out (None if all)."""
+    from scipy import stats
+
     x = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     x = x[np.isfinite(x)]
     if x.size == 0:
