@@ -61,11 +61,24 @@ ANOMALIB_SCRIPT = textwrap.dedent(
         eval_batch_size=32,
         num_workers=cfg["workers"],
     )
+    evaluator = True
+    if cfg["raw_scores"]:  # no post-processor: predicted labels, and so F1, do not exist
+        from anomalib.metrics import AUROC, Evaluator
+
+        evaluator = Evaluator(
+            val_metrics=[],
+            test_metrics=[
+                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
+            ],
+        )
     start = time.perf_counter()
     model = Cflow(
         backbone=cfg["backbone"],
         pre_trained=False,
         pre_processor=Cflow.configure_pre_processor(image_size=size),
+        post_processor=not cfg["raw_scores"],
+        evaluator=evaluator,
         visualizer=cfg["visualizer"],
     )
     build = time.perf_counter() - start
@@ -233,6 +246,7 @@ def run_anomalib(
         "seed": args.seed,
         "accelerator": "gpu" if device.type == "cuda" else "cpu",
         "visualizer": args.anomalib_visualizer,
+        "raw_scores": args.anomalib_raw_scores,
         "workdir": str(workdir),
         "init_path": str(init) if init else "",
     }
@@ -264,6 +278,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--anomalib-python", default="/work/anovenv/bin/python")
     parser.add_argument("--anomalib-visualizer", action="store_true")
+    parser.add_argument(
+        "--anomalib-raw-scores",
+        action="store_true",
+        help="anomalib without its post-processor: its metrics then read raw scores, as bench's "
+        "do, instead of scores normalised and clamped to [0, 1] (which ties the clamped ones)",
+    )
     parser.add_argument("--skip-anomalib", action="store_true")
     parser.add_argument(
         "--independent-init",
