@@ -62,9 +62,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
-    from bench.runner.catalog import describe_plugins
+    from bench.runner.catalog import cached_listing
 
-    print(describe_plugins())
+    print(cached_listing())
     return 0
 
 

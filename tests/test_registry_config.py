@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
@@ -211,3 +212,36 @@ def test_all_methods_means_those_with_the_runs_reference() -> None:
     assert "msflow" in build_config({}).methods
     anomalib = build_config({"reference": "anomalib"}).methods
     assert "msflow" not in anomalib and {"fastflow", "cflow", "padim"} <= set(anomalib)
+
+
+def test_bench_list_is_kept_until_a_plugin_changes(tmp_path, monkeypatch):
+    from bench.runner import catalog
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(catalog.CACHE_ENV, str(cache))
+    listing = catalog.cached_listing()
+    assert listing == catalog.describe_plugins() and "fastflow" in listing
+    assert len(list(cache.glob("list-*.txt"))) == 1
+    code = (
+        "import sys; from bench.runner.catalog import cached_listing; text = cached_listing(); "
+        "print('torch' in sys.modules, text.startswith('methods:'))"
+    )
+    env = {**os.environ, catalog.CACHE_ENV: str(cache)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "True"], out.stderr  # read back without torch
+
+    before = catalog.listing_key()
+    module = tmp_path / "my_list_plugin.py"
+    module.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake = EntryPoint(name="mine", value="my_list_plugin", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(catalog, "entry_points", lambda group: [fake])
+    with_plugin = catalog.listing_key()
+    assert with_plugin not in (None, before)  # a new plugin: a new listing
+    module.write_text("VALUE = 22\n")
+    assert catalog.listing_key() not in (with_plugin, before)  # its code changed
+    missing = EntryPoint(
+        name="gone", value="no_such_module_for_list", group=registry.ENTRY_POINT_GROUP
+    )
+    monkeypatch.setattr(catalog, "entry_points", lambda group: [missing])
+    assert catalog.listing_key() is None  # unlocatable: no cache, the import reports it
