@@ -191,6 +191,33 @@ def test_eval_every_stores_each_epoch_and_leaves_the_final_row_alone(data_root: 
     assert "auroc_by_epoch" not in (tmp_path / "plain" / "report.md").read_text()
 
 
+def test_eval_every_in_the_unified_setting_keeps_a_history_per_category(data_root, tmp_path):
+    import bench
+
+    grid = dict(
+        methods="fastflow",
+        dataset="mvtec",
+        data_root=str(data_root),
+        categories="bottle,screw",
+        setting="unified",
+        input_size=32,
+        weights="random",
+        workers=0,
+        epochs=2,
+        batch_size=2,
+        profile=False,
+    )
+    plain = bench.run(**grid, out=str(tmp_path / "plain")).results.set_index("category")
+    rows = bench.run(**grid, eval_every=1, out=str(tmp_path / "epochs")).results
+    rows = rows.set_index("category")
+    for category in ("bottle", "screw"):
+        history = json.loads(rows.loc[category, "history"])
+        assert [h["epoch"] for h in history] == [1, 2]
+        for metric in ("image_auroc", "pixel_auroc", "aupro"):
+            final = rows.loc[category, metric]
+            assert history[-1][metric] == final == plain.loc[category, metric]
+
+
 def _evidence_scores(out: Path, key: str) -> np.ndarray:
     with np.load(out / EVIDENCE_FOLDER / f"{key}.npz") as stored:
         return stored["scores"]
