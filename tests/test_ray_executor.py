@@ -96,6 +96,10 @@ def test_ray_rows_equal_local_rows(local_ray, tmp_path, capsys, setting):
         assert _unmeasured(remote[key]) == _unmeasured(row)
         assert remote[key]["fit_seconds"] > 0
         assert row["setting"] == setting
+    if setting == "unified":  # one fit per method answers for both categories
+        for method in ("padim", "fastflow"):
+            fits = {r["fit_seconds"] for r in remote.values() if r["method"] == method}
+            assert len(fits) == 1
     assert main([*grid, "--executor", "ray", "--out", str(tmp_path / "ray")]) == 0
     assert "4 of 4 cells already done" in capsys.readouterr().out
 
