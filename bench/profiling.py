@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import platform
 import resource
 import statistics
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from bench.datasets.base import cache_dir
 from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
 from bench.methods.base import Method
@@ -313,9 +313,6 @@ def cell_costs(
     return costs
 
 
-PEAK_CACHE = Path(os.environ.get("FLOWAD_CACHE", Path.home() / ".cache" / "flowad-bench"))
-
-
 def _machine_key(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -334,7 +331,7 @@ def peak_gflops(device: torch.device, seconds: float = 0.5, size: int = 1024) ->
     GFLOP/s is read against. Measured once per (processor, device, threads, torch) with
     repeated ``size``-square products for about ``seconds``, then cached on disk."""
     key = _machine_key(device)
-    path = PEAK_CACHE / "peak_gflops.json"
+    path = cache_dir() / "peak_gflops.json"
     cached: dict[str, float] = {}
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(path.read_text())

@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from comparison_data import subset_folder, sync
 from sklearn.metrics import roc_auc_score
 
-from bench.datasets.base import list_images
 from bench.datasets.pipeline import ImageSet, load_ground_truth
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
@@ -114,33 +114,6 @@ ANOMALIB_SCRIPT = textwrap.dedent(
 )
 
 
-def subset_folder(data_root: Path, category: str, train: int, test_per_defect: int | None) -> Path:
-    """An MVTec-layout copy with the first ``train`` normal images and some test images.
-
-    Copies, not symlinks: anomalib refuses files that resolve outside its dataset root.
-    """
-    source = data_root / category
-    root = Path(tempfile.mkdtemp(prefix="cflow-compare-"))
-    target = root / category
-    (target / "train" / "good").mkdir(parents=True)
-    for path in list_images(source / "train" / "good")[:train]:
-        shutil.copy2(path, target / "train" / "good" / path.name)
-    for defect_dir in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
-        (target / "test" / defect_dir.name).mkdir(parents=True)
-        for path in list_images(defect_dir)[:test_per_defect]:
-            shutil.copy2(path, target / "test" / defect_dir.name / path.name)
-            mask = source / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
-            if mask.is_file():
-                (target / "ground_truth" / defect_dir.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(mask, target / "ground_truth" / defect_dir.name / mask.name)
-    return root
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_bench(
     args: argparse.Namespace, root: Path, device: torch.device, init: Path | None
 ) -> dict:
@@ -178,7 +151,7 @@ def run_bench(
         progress=not args.quiet,
     )
     method = CFlow(settings, context)
-    _sync(device)
+    sync(device)
     build = time.perf_counter() - start
     if init is not None:
         state = torch.load(init, map_location=device, weights_only=True)
@@ -197,13 +170,13 @@ def run_bench(
     features = CachedFeatures.extract(extractor, loader(train), device)
     extracted = time.perf_counter() - start
     method.fit(features)
-    _sync(device)
+    sync(device)
     fit = time.perf_counter() - start
 
     start = time.perf_counter()
     test_features = CachedFeatures.extract(extractor, loader(test), device)
     outputs = [(s.cpu(), m.cpu()) for s, m in method.predict(test_features, batch_size=32)]
-    _sync(device)
+    sync(device)
     tested = time.perf_counter() - start
 
     scores = torch.cat([s for s, _ in outputs]).double().numpy()

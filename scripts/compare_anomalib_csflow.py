@@ -48,7 +48,7 @@ from bench.methods.csflow import CsFlow
 from bench.registry import DATASETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_anomalib_cflow import subset_folder  # noqa: E402
+from comparison_data import subset_folder  # noqa: E402
 
 REFERENCE = "anomalib"
 BACKBONE = "tf_efficientnet_b5"

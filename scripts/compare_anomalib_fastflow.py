@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -30,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from comparison_data import subset_folder, sync
 
-from bench.datasets.base import list_images
 from bench.datasets.pipeline import ImageSet
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
@@ -96,44 +95,16 @@ ANOMALIB_SCRIPT = textwrap.dedent(
 )
 
 
-def subset_folder(
-    data_root: Path, category: str, train: int, test_per_defect: int | None, root: Path
-) -> Path:
-    """An MVTec-layout copy: the first ``train`` normal images and some test images.
-
-    Copies, not symlinks: anomalib refuses files that resolve outside its dataset root.
-    """
-    source = data_root / category
-    target = root / category
-    (target / "train" / "good").mkdir(parents=True)
-    for path in list_images(source / "train" / "good")[:train]:
-        shutil.copy2(path, target / "train" / "good" / path.name)
-    for defect_dir in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
-        (target / "test" / defect_dir.name).mkdir(parents=True)
-        for path in list_images(defect_dir)[:test_per_defect]:
-            shutil.copy2(path, target / "test" / defect_dir.name / path.name)
-            mask = source / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
-            if mask.is_file():
-                (target / "ground_truth" / defect_dir.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(mask, target / "ground_truth" / defect_dir.name / mask.name)
-    return root
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def latency(
     fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
 ) -> list[float]:
     """Seconds per call, synchronised, after warm-up."""
     times = []
     for i in range(warmup + repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -171,7 +142,7 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device) -> dic
         progress=False,
     )
     method = FastFlow(settings, context)
-    _sync(device)
+    sync(device)
     build = time.perf_counter() - start
     start = time.perf_counter()
     loader = torch.utils.data.DataLoader(
@@ -180,7 +151,7 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device) -> dic
     features = CachedFeatures.extract(extractor, loader, device)
     extracted = time.perf_counter() - start
     method.fit(features)
-    _sync(device)
+    sync(device)
     fit = time.perf_counter() - start
     image = ImageSet(test[:1], pre)[0].unsqueeze(0).to(device)
     with torch.no_grad():

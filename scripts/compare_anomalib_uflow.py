@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 import torch
+from comparison_data import subset_folder, sync
 from sklearn.metrics import roc_auc_score
 
-from bench.datasets.base import list_images
 from bench.datasets.pipeline import ImageSet, load_ground_truth
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
@@ -120,33 +120,6 @@ ANOMALIB_SCRIPT = textwrap.dedent(
 )
 
 
-def subset_folder(data_root: Path, category: str, train: int, test_per_defect: int | None) -> Path:
-    """An MVTec-layout copy with the first ``train`` normal images and some test images.
-
-    Copies, not symlinks: anomalib refuses files that resolve outside its dataset root.
-    """
-    source = data_root / category
-    root = Path(tempfile.mkdtemp(prefix="uflow-compare-"))
-    target = root / category
-    (target / "train" / "good").mkdir(parents=True)
-    for path in list_images(source / "train" / "good")[:train]:
-        shutil.copy2(path, target / "train" / "good" / path.name)
-    for defect_dir in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
-        (target / "test" / defect_dir.name).mkdir(parents=True)
-        for path in list_images(defect_dir)[:test_per_defect]:
-            shutil.copy2(path, target / "test" / defect_dir.name / path.name)
-            mask = source / "ground_truth" / defect_dir.name / f"{path.stem}_mask.png"
-            if mask.is_file():
-                (target / "ground_truth" / defect_dir.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(mask, target / "ground_truth" / defect_dir.name / mask.name)
-    return root
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_bench(args: argparse.Namespace, root: Path, device: torch.device, init: Path) -> dict:
     """bench's U-Flow from anomalib's initial weights: fit (extraction + training), test
     (extraction + predict)."""
@@ -193,13 +166,13 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device, init: 
     start, cpu = time.perf_counter(), time.process_time()
     features = CachedFeatures.extract(extractor, loader(train), device, progress=not args.quiet)
     method.fit(features)
-    _sync(device)
+    sync(device)
     fit, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     start, cpu = time.perf_counter(), time.process_time()
     test_features = CachedFeatures.extract(extractor, loader(test), device, progress=False)
     outputs = [(s.cpu(), m.cpu()) for s, m in method.predict(test_features, batch_size=32)]
-    _sync(device)
+    sync(device)
     tested, test_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     scores = torch.cat([s for s, _ in outputs]).double().numpy()

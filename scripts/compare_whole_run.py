@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from comparison_data import subset_folder
+
 # What each compared method runs with on both sides.
 METHODS = {
     "fastflow-3x3": {
@@ -126,31 +128,6 @@ def run_measured(command: list[str], log: Path, env: dict[str, str]) -> Usage:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 / 1024 if sys.platform.startswith("linux") else 1 / 1024**2
     return Usage(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * scale)
-
-
-def subset_folder(
-    data_root: Path, category: str, train: int, test_per_defect: int | None, root: Path
-) -> Path:
-    """An MVTec-layout copy with the first ``train`` normal images and the test images
-    (``test_per_defect`` per folder when given). Copies, not links: anomalib refuses files
-    that resolve outside its dataset root."""
-    source, target = data_root / category, root / category
-
-    def images(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".bmp"))
-
-    (target / "train" / "good").mkdir(parents=True)
-    for path in images(source / "train" / "good")[:train]:
-        shutil.copy2(path, target / "train" / "good" / path.name)
-    for defect in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
-        (target / "test" / defect.name).mkdir(parents=True)
-        for path in images(defect)[:test_per_defect]:
-            shutil.copy2(path, target / "test" / defect.name / path.name)
-            mask = source / "ground_truth" / defect.name / f"{path.stem}_mask.png"
-            if mask.is_file():
-                (target / "ground_truth" / defect.name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(mask, target / "ground_truth" / defect.name / mask.name)
-    return root
 
 
 def cpu_description() -> dict[str, str]:

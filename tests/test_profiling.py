@@ -229,7 +229,7 @@ def test_failed_profile_keeps_the_cell_and_says_why(monkeypatch: pytest.MonkeyPa
 def test_bench_speed_prints_and_writes_the_table_without_a_dataset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr(profiling, "PEAK_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("FLOWAD_CACHE", str(tmp_path / "cache"))
 
     def no_dataset(name: str):
         raise AssertionError(f"bench speed touched dataset {name}")
@@ -316,7 +316,7 @@ def test_bench_speed_reports_a_failing_method_and_profiles_the_others(
 
 
 def test_peak_probe_is_measured_once_per_machine(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(profiling, "PEAK_CACHE", tmp_path)
+    monkeypatch.setenv("FLOWAD_CACHE", str(tmp_path))
     first = profiling.peak_gflops(torch.device("cpu"), seconds=0.05, size=128)
     assert first > 0 and (tmp_path / "peak_gflops.json").is_file()
     monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError))

@@ -215,10 +215,11 @@ def test_all_methods_means_those_with_the_runs_reference() -> None:
 
 
 def test_bench_list_is_kept_until_a_plugin_changes(tmp_path, monkeypatch):
+    from bench.datasets.base import CACHE_ENV
     from bench.runner import catalog
 
     cache = tmp_path / "cache"
-    monkeypatch.setenv(catalog.CACHE_ENV, str(cache))
+    monkeypatch.setenv(CACHE_ENV, str(cache))
     listing = catalog.cached_listing()
     assert listing == catalog.describe_plugins() and "fastflow" in listing
     assert len(list(cache.glob("list-*.txt"))) == 1
@@ -226,7 +227,7 @@ def test_bench_list_is_kept_until_a_plugin_changes(tmp_path, monkeypatch):
         "import sys; from bench.runner.catalog import cached_listing; text = cached_listing(); "
         "print('torch' in sys.modules, text.startswith('methods:'))"
     )
-    env = {**os.environ, catalog.CACHE_ENV: str(cache)}
+    env = {**os.environ, CACHE_ENV: str(cache)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.split() == ["False", "True"], out.stderr  # read back without torch
 

@@ -7,6 +7,7 @@ method sees identical pixels for the same cell.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,15 @@ from typing import ClassVar
 import numpy as np
 
 from bench.errors import BenchError
+
+CACHE_ENV = "FLOWAD_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where flowad-bench keeps what it makes between runs (generated data, the listing of
+    plugins, the machine's measured peak): ``$FLOWAD_CACHE`` or ~/.cache/flowad-bench."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flowad-bench")
+
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 

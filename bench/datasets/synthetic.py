@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bench.datasets.base import cache_dir
 from bench.datasets.mvtec import NORMAL, MVTec
 from bench.errors import BenchError
 from bench.registry import DATASETS
@@ -414,11 +414,6 @@ def ensure_generated(folder: Path) -> Path:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp)
     return folder
-
-
-def cache_dir() -> Path:
-    """Where generated data lives unless --data-root says otherwise."""
-    return Path(os.environ.get("FLOWAD_CACHE") or Path.home() / ".cache" / "flowad-bench")
 
 
 @DATASETS.register("synthetic")

@@ -15,9 +15,8 @@ import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from bench.datasets.base import cache_dir
 from bench.registry import DATASETS, ENTRY_POINT_GROUP, METHODS
-
-CACHE_ENV = "FLOWAD_CACHE"  # the folder for everything flowad-bench keeps between runs
 
 
 def _stamp(path: Path | str) -> str:
@@ -50,7 +49,7 @@ def listing_key() -> str | None:
 def cached_listing() -> str:
     """``describe_plugins()``, from disk when nothing it depends on has changed."""
     key = listing_key()
-    folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "flowad-bench")
+    folder = cache_dir()
     path = folder / f"list-{key}.txt"
     if key is not None and path.is_file():
         return path.read_text()
