@@ -134,5 +134,13 @@ class StreamedFeatures(FeatureSource):
         return self.size
 
     def batches(self, batch_size, shuffle=False, generator=None, drop_last=False):
+        micro = CPU_MICRO_BATCH if self.device.type == "cpu" else None
         for images in self.make_loader(batch_size, shuffle, generator, drop_last):
-            yield self.extractor(images.to(self.device))
+            images = images.to(self.device)
+            if micro is None or images.shape[0] <= micro:
+                yield self.extractor(images)
+                continue
+            # Each image's features do not depend on the others: run the backbone in cache-sized
+            # parts (resnet18 at 256 on 2 cores: 26.5 ms an image in 32s, 23.5 in 8s).
+            parts = [self.extractor(part) for part in images.split(micro)]
+            yield {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]}

@@ -23,7 +23,7 @@ ENTRY_POINT_GROUP = "flowad_bench.plugins"
 # Every module in a registry's package is imported, so a new plugin is one file with a
 # decorator; shared helpers that register nothing are left to whoever needs them (the image
 # pipeline imports torch, which reading a run folder's datasets must not).
-_HELPERS = frozenset({"base", "pipeline", "split_file", "uflow_nfa"})
+_HELPERS = frozenset({"base", "cflow_decoder", "pipeline", "split_file", "uflow_nfa"})
 
 
 @dataclass

@@ -18,12 +18,12 @@ from bench.methods.cflow import (
     CFlowModel,
     CFlowSettings,
     FrozenDecoder,
-    build_decoder,
     fiber_loss,
     learning_rate,
     log_likelihood,
     positional_encoding_2d,
 )
+from bench.methods.cflow_decoder import build_decoder
 
 CHANNELS = {"layer2": 8, "layer3": 12, "layer4": 16}
 SHAPES = {"layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
@@ -63,7 +63,14 @@ def perturbed_decoder(channels: int, cond: int, soft: bool, blocks: int = 3):
     """A float64 decoder whose global affine parameters are away from their identity init."""
     settings = CFlowSettings(condition_vector=cond, coupling_blocks=blocks, permute_soft=soft)
     torch.manual_seed(0)
-    decoder = build_decoder(channels, settings, torch.Generator().manual_seed(0)).double()
+    decoder = build_decoder(
+        channels,
+        settings.coupling_blocks,
+        settings.condition_vector,
+        settings.clamp_alpha,
+        settings.permute_soft,
+        torch.Generator().manual_seed(0),
+    ).double()
     with torch.no_grad():
         for block in decoder.module_list:
             block.global_scale.add_(torch.randn_like(block.global_scale))

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
-from bench.features import FeatureSource
+from bench.features import CPU_MICRO_BATCH, FeatureSource
 from bench.methods.base import Method, MethodContext, register_method, register_variant
 
 CLAMP = 2.0
@@ -373,8 +373,16 @@ class FastFlow(Method):
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         model = self._model.eval()
-        latents, _ = model([features[k].to(self.device) for k in self.layers])
-        maps = anomaly_map(latents, self.context.output_size)
+        inputs = [features[k].to(self.device) for k in self.layers]
+        # An image's map does not depend on the others in its batch. On the CPU the flows run
+        # on cache-sized parts: resnet18 at 256 on 2 cores, 58 ms an image in 32s, 46 in 8s.
+        part = CPU_MICRO_BATCH if self.device.type == "cpu" else inputs[0].shape[0]
+        maps = torch.cat(
+            [
+                anomaly_map(model(list(chunk))[0], self.context.output_size)
+                for chunk in zip(*(x.split(part) for x in inputs), strict=True)
+            ]
+        )
         return maps.amax(dim=(1, 2)), maps
 
 

@@ -32,8 +32,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
-from scipy.stats import binom
-from skimage.morphology import max_tree
 from torch import Tensor
 
 LN10 = math.log(10.0)
@@ -108,6 +106,8 @@ def tree_log_probability(score: np.ndarray, energy: np.ndarray, channels: int) -
     ``score`` is mean_c z^2 (its upper level sets are the candidate regions), ``energy``
     sum_c z^2 (a region's probability bound uses its minimum).
     """
+    from skimage.morphology import max_tree  # imported here: with scipy.stats, about 1 s
+
     parent, order = max_tree(score, connectivity=1)
     flat, parent = score.ravel(), parent.ravel()
     root = int(order[0])
@@ -186,6 +186,8 @@ def binomial_tau(probability: float) -> Tensor:
 
 
 def _binomial_log_nfa(stats: list[ScaleStats], size: tuple[int, int]) -> Tensor:
+    from scipy.stats import binom  # imported here: listing or running other methods skips it
+
     scales = []
     for scale, s in enumerate(stats):
         half = max(int(BINOMIAL_WINDOW / 2**scale // 2), 1)

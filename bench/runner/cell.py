@@ -31,6 +31,7 @@ from bench.datasets.pipeline import ImageSet, Preprocess, load_ground_truth
 from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures, FeatureSource, StreamedFeatures
+from bench.heap import release_freed_memory
 from bench.methods.base import Method, MethodContext
 from bench.profiling import PeakMemory, ProfileSettings, cell_costs
 from bench.registry import DATASETS, METHODS
@@ -305,6 +306,7 @@ def run_cell(cell: Cell, env: Environment) -> list[dict[str, Any]]:
     """Train and evaluate one cell: one result row per evaluated category (one category,
     except in the unified setting)."""
     seed_everything(cell.seed)
+    release_freed_memory()  # the peak is measured from what the process holds now
     peak = PeakMemory(torch.device(env.device))
     dataset = DATASETS.get(cell.dataset)(Path(env.data_root) if env.data_root else None)
     for category in cell.evaluated:

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.errors import BenchError
+from bench.heap import retain_freed_memory
 from bench.registry import DATASETS, METHODS
 from bench.runner.cell import Cell, Environment, describe_failure, resolve_device, run_cell
 from bench.runner.config import RunConfig
@@ -60,6 +61,7 @@ def run_on_worker(
         for module in modules:
             importlib.import_module(module)
         torch.set_num_threads(threads)
+        retain_freed_memory()
         env = dataclasses.replace(env, device=resolve_device(env.device))
         return "done", run_cell(cell, env)
     except Exception as exc:  # one broken cell must not stop the grid

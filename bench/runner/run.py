@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.errors import BenchError
+from bench.heap import retain_freed_memory
 from bench.registry import DATASETS
 from bench.runner import examples
 from bench.runner.cell import EVIDENCE_KEY, Cell, Environment, default_workers, resolve_device
@@ -123,6 +124,7 @@ def run_grid(
     device = config.device if config.executor == "ray" else resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
+    retain_freed_memory()
     categories = resolve_categories(config)
     cells = expand_cells(config, categories)
     folder = Path(config.out or "results/default")
