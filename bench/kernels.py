@@ -1,16 +1,23 @@
 """Fast paths for the flows' dense layers and channel permutations, same mathematics.
 
-PyTorch sends float32 ``F.linear`` on the CPU to MKL's sgemm, which picks a slow code path
-on AMD processors: on the 2-core EPYC used for the benchmarks it reaches 140-220 GFLOP/s
-where oneDNN (the library behind PyTorch's CPU convolutions) reaches 270-480 GFLOP/s on the
-same shapes. CFLOW-AD spends most of its time in such products, so its subnets call oneDNN
-directly. Results differ from MKL's only in summation order (about 1e-6 relative).
+PyTorch sends float32 ``F.linear`` on the CPU to MKL's sgemm, which takes its AVX2 code on
+AMD processors even where they have AVX-512: on the 2-core AVX-512 EPYC (Zen 5) it reaches
+140-220 GFLOP/s where oneDNN (the library behind PyTorch's CPU convolutions) reaches
+270-480 GFLOP/s on CFLOW-AD's shapes. Where the CPU has no AVX-512 both run AVX2 code and
+MKL is the faster one: on the 2-core AVX2 EPYC, a CFLOW-AD subnet's training step (256
+rows) runs at 112-151 GFLOP/s on MKL against 82-108 on oneDNN, and scoring (4096 rows) at
+163-171 against 126-144. So the subnets call oneDNN directly where the CPU has AVX-512 and
+take PyTorch's own path elsewhere; ``LINEAR_BACKEND`` says which, and the environment
+variable ``FLOWAD_LINEAR_BACKEND`` (``auto``, ``onednn`` or ``default``) overrides the choice.
+The two differ only in summation order (about 1e-6 relative).
 
 Column permutations are gathers with a precomputed inverse: advanced indexing along dim 1
 is about eight times slower than ``gather`` and its backward is a scatter.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -26,14 +33,36 @@ def _onednn_linear_op() -> object | None:
         return None
 
 
+BACKEND_ENV = "FLOWAD_LINEAR_BACKEND"
+BACKENDS = ("auto", "onednn", "default")
+
+
+def choose_backend(choice: str, available: bool, cpu_capability: str) -> str:
+    """``onednn`` or ``default`` (PyTorch's own path) for float32 CPU dense layers."""
+    choice = choice.lower()
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={choice}: expected one of {', '.join(BACKENDS)}")
+    if not available:
+        return "default"
+    if choice == "auto":
+        return "onednn" if "AVX512" in cpu_capability.upper() else "default"
+    return choice
+
+
 _LINEAR = _onednn_linear_op()
+# What float32 CPU dense layers run on in this process (run.json records it with the hardware).
+LINEAR_BACKEND = choose_backend(
+    os.environ.get(BACKEND_ENV, "auto"),
+    _LINEAR is not None,
+    torch.backends.cpu.get_cpu_capability(),
+)
 # Rows per product that packed weights are laid out for; any row count gives the same result.
 _PACK_ROWS_HINT = 4096
 
 
 def onednn_applies(x: Tensor) -> bool:
-    """True where the oneDNN path runs: float32 CPU tensors on a build that has it."""
-    return _LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    """True where the oneDNN path runs: float32 CPU tensors, where this CPU prefers it."""
+    return LINEAR_BACKEND == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool = False) -> Tensor:
@@ -76,7 +105,8 @@ class _ReluMlp(torch.autograd.Function):
 
 class ReluMlp(nn.Sequential):
     """``nn.Sequential(Linear, ReLU, Linear)``, same parameters and state-dict keys, whose
-    forward runs on oneDNN for float32 CPU input (and as the plain sequence elsewhere)."""
+    forward runs on oneDNN for float32 CPU input where ``LINEAR_BACKEND`` is ``onednn`` (and
+    as the plain sequence elsewhere)."""
 
     def __init__(self, dims_in: int, dims_hidden: int, dims_out: int) -> None:
         super().__init__(

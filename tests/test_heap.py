@@ -7,7 +7,7 @@ import resource
 import numpy as np
 import pytest
 
-from bench.heap import _glibc, release_freed_memory, retain_freed_memory
+from bench.runner.heap import _glibc, release_freed_memory, retain_freed_memory
 
 pytestmark = pytest.mark.skipif(_glibc() is None, reason="needs glibc on Linux")
 

@@ -1,4 +1,5 @@
-"""bench.kernels: the oneDNN paths compute what the plain PyTorch layers compute."""
+"""bench.kernels: the oneDNN paths compute what the plain PyTorch layers compute, and are
+chosen where the CPU has AVX-512."""
 
 from __future__ import annotations
 
@@ -7,17 +8,35 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from bench import kernels
 from bench.kernels import (
     FrozenReluMlp,
     ReluMlp,
+    choose_backend,
     constant_linear,
     onednn_applies,
     permute_columns,
 )
 
-needs_onednn = pytest.mark.skipif(
-    not onednn_applies(torch.zeros(1)), reason="this PyTorch build has no oneDNN linear op"
-)
+
+@pytest.fixture(params=["onednn", "default"])
+def backend(request, monkeypatch) -> str:
+    """Each test runs on both paths, whichever this CPU would choose."""
+    if request.param == "onednn" and kernels._LINEAR is None:
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    monkeypatch.setattr(kernels, "LINEAR_BACKEND", request.param)
+    assert onednn_applies(torch.zeros(1)) == (request.param == "onednn")
+    return request.param
+
+
+def test_onednn_where_the_cpu_has_avx512_unless_told() -> None:
+    assert choose_backend("auto", True, "AVX512") == "onednn"
+    assert choose_backend("auto", True, "AVX2") == "default"
+    assert choose_backend("onednn", True, "AVX2") == "onednn"
+    assert choose_backend("DEFAULT", True, "AVX512") == "default"
+    assert choose_backend("onednn", False, "AVX512") == "default"  # the build lacks the op
+    with pytest.raises(ValueError, match="FLOWAD_LINEAR_BACKEND=mkl: expected one of auto"):
+        choose_backend("mkl", True, "AVX2")
 
 
 def plain_copy(mlp: ReluMlp) -> nn.Sequential:
@@ -28,9 +47,8 @@ def plain_copy(mlp: ReluMlp) -> nn.Sequential:
     return plain
 
 
-@needs_onednn
 @pytest.mark.parametrize("rows", [1, 64, 300])
-def test_relu_mlp_matches_sequential_forward_and_backward(rows: int) -> None:
+def test_relu_mlp_matches_sequential_forward_and_backward(rows: int, backend: str) -> None:
     torch.manual_seed(0)
     mlp = ReluMlp(24, 48, 16)
     plain = plain_copy(mlp)
@@ -47,8 +65,7 @@ def test_relu_mlp_matches_sequential_forward_and_backward(rows: int) -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@needs_onednn
-def test_relu_mlp_trains_on_input_that_needs_no_gradient() -> None:
+def test_relu_mlp_trains_on_input_that_needs_no_gradient(backend: str) -> None:
     torch.manual_seed(0)
     mlp = ReluMlp(6, 12, 4)
     plain = plain_copy(mlp)
@@ -67,11 +84,12 @@ def test_relu_mlp_float64_takes_the_plain_path() -> None:
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.1, "per-output"])
-def test_frozen_mlp_folds_its_output_scale(scale) -> None:
+def test_frozen_mlp_folds_its_output_scale(scale, backend: str) -> None:
     torch.manual_seed(0)
     mlp = ReluMlp(16, 32, 10)
     factor = torch.linspace(0.1, 2.0, 10) if scale == "per-output" else torch.tensor(scale)
     frozen = FrozenReluMlp(mlp, factor if scale == "per-output" else scale)
+    assert frozen.onednn == (backend == "onednn")
     x = torch.randn(33, 16)
     with torch.no_grad():
         expected = plain_copy(mlp)(x) * factor
@@ -94,7 +112,7 @@ def test_permute_columns_is_exact_both_ways() -> None:
     assert torch.equal(x.grad, expected)
 
 
-def test_constant_linear_matches_f_linear() -> None:
+def test_constant_linear_matches_f_linear(backend: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(40, 12, requires_grad=True)
     weight = torch.linalg.qr(torch.randn(12, 12))[0]
@@ -105,7 +123,7 @@ def test_constant_linear_matches_f_linear() -> None:
     torch.testing.assert_close(x.grad, grad @ weight, rtol=1e-5, atol=1e-6)
 
 
-def test_flop_counts_do_not_depend_on_the_path() -> None:
+def test_flop_counts_do_not_depend_on_the_path(backend: str) -> None:
     from bench.profiling import count_flops
 
     mlp = ReluMlp(10, 20, 6)

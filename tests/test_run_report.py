@@ -104,10 +104,11 @@ def test_run_writes_report_and_bench_report_rebuilds_it(tmp_path: Path) -> None:
             assert image.width > 300
     assert (run / "tables.md").is_file() and (run / "results.csv").is_file()
 
-    # Reading a run folder needs neither torch nor timm: `bench report` starts fast.
+    # Reading a run folder needs neither torch nor timm, and figures drawn from the same rows
+    # are reused without importing matplotlib: `bench report` starts fast.
     code = (
         f"import sys; from bench.cli import main; assert main(['report', {str(run)!r}]) == 0; "
-        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'timm', 'matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -155,6 +156,18 @@ def test_figures_from_rows_alone_and_paper_tables_in_the_report(tmp_path: Path) 
 
     write_report(tmp_path, rows)
     report = (tmp_path / "report.md").read_text()
+    drawn = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "figures").glob("*.png")}
+    write_report(tmp_path, rows)  # the same rows: the figures are reused as drawn
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "figures").glob("*.png")} == drawn
+    assert (tmp_path / "report.md").read_text() == report
+    (tmp_path / "figures" / "auroc_by_category.png").unlink()  # a figure gone: all redrawn
+    write_report(tmp_path, rows)
+    assert (tmp_path / "figures" / "auroc_by_category.png").is_file()
+    redrawn = (tmp_path / "figures" / "accuracy_vs_latency.png").stat().st_mtime_ns
+    assert redrawn != drawn["accuracy_vs_latency.png"]
+    rows[0]["image_auroc"] = 0.5  # another value: redrawn again
+    write_report(tmp_path, rows)
+    assert (tmp_path / "figures" / "accuracy_vs_latency.png").stat().st_mtime_ns != redrawn
     assert "[paper/padim-mvtec.md](paper/padim-mvtec.md)" in report
     assert "[paper/fastflow-backbones.md](paper/fastflow-backbones.md)" in report
     assert "Not comparable with the paper" in report

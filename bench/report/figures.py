@@ -7,7 +7,6 @@ the run lacks (no latency measured, no maps saved) is skipped with a note saying
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.report.figure_record import FOLDER, Figure  # noqa: E402
 from bench.runner import examples  # noqa: E402
 
-FOLDER = "figures"
 DPI = 100
 PNG_COMPRESSION = 1  # zlib level: a few percent larger files, several times faster to write
 MAP_CMAP = "inferno"
@@ -38,13 +37,6 @@ STYLE = {  # a light grid and small type, for figures pasted beside tables
     "legend.fontsize": 8,
 }
 MARKERS = "osD^vP*Xh"
-
-
-@dataclass(frozen=True)
-class Figure:
-    title: str
-    path: Path | None  # None when skipped
-    note: str = ""
 
 
 def series_labels(frame: pd.DataFrame) -> pd.Series:

@@ -15,6 +15,7 @@ from bench.errors import BenchError
 from bench.metrics import METRIC_LABELS
 from bench.paper.filled import FilledTable, fill_table, render_markdown, write_filled
 from bench.paper.published import load_table, table_names
+from bench.report import figure_record
 from bench.report.compare import ranks_figure
 from bench.report.tables import (
     BEST_EPOCH_CAPTION,
@@ -136,13 +137,17 @@ def write_report(
 
     ``metrics`` chooses the result tables (default: image AUROC, pixel AUROC, AUPRO);
     ``ci`` shows each single-seed cell's 95% interval beside it."""
-    from bench.report.figures import write_figures
-
     folder = Path(folder)
     metrics = list(metrics or TABLE_METRICS)
     tables = write_tables(results_frame(rows), folder, metrics, ci)
     papers = write_paper_tables(folder, rows, comparisons)
-    figures = write_figures(folder, rows)
+    key = figure_record.inputs_key(folder, rows)
+    figures = figure_record.reusable(folder, key)
+    if figures is None:
+        from bench.report.figures import write_figures  # matplotlib: only when drawing
+
+        figures = write_figures(folder, rows)
+        figure_record.remember(folder, key, figures)
     lines = [f"# Run {folder.name}", "", *_run_lines(folder), ""]
     lines.append(f"{len(rows)} cells finished, {len(failures)} failed.")
     lines += [f"- failed: {label}: {error.splitlines()[0]}" for label, error in failures]

@@ -31,11 +31,11 @@ from bench.datasets.pipeline import ImageSet, Preprocess, load_ground_truth
 from bench.errors import BenchError
 from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures, FeatureSource, StreamedFeatures
-from bench.heap import release_freed_memory
 from bench.methods.base import Method, MethodContext
 from bench.profiling import PeakMemory, ProfileSettings, cell_costs
 from bench.registry import DATASETS, METHODS
 from bench.runner import examples
+from bench.runner.heap import release_freed_memory
 from bench.runner.row import ResultRow
 
 

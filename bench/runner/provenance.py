@@ -47,10 +47,14 @@ def _versions() -> dict[str, str | None]:
 def _hardware(device: str) -> dict[str, Any]:
     import torch  # only writing run.json asks torch; reading it does not
 
+    from bench.kernels import LINEAR_BACKEND
+
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "linear_backend": LINEAR_BACKEND,  # float32 CPU dense layers (bench.kernels)
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }

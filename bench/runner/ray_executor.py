@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.errors import BenchError
-from bench.heap import retain_freed_memory
 from bench.registry import DATASETS, METHODS
 from bench.runner.cell import Cell, Environment, describe_failure, resolve_device, run_cell
 from bench.runner.config import RunConfig
 from bench.runner.executors import OnFailure, OnResult
+from bench.runner.heap import retain_freed_memory
 
 INSTALL_HINT = 'pip install "flowad-bench[ray]"'
 

@@ -17,13 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.errors import BenchError
-from bench.heap import retain_freed_memory
 from bench.registry import DATASETS
 from bench.runner import examples
 from bench.runner.cell import EVIDENCE_KEY, Cell, Environment, default_workers, resolve_device
 from bench.runner.config import EXECUTORS, RunConfig
 from bench.runner.executors import Executor, LocalExecutor
 from bench.runner.grid import expand_cells
+from bench.runner.heap import retain_freed_memory
 from bench.runner.provenance import write_run_json
 from bench.runner.store import EVIDENCE_FOLDER, ResultStore
 
