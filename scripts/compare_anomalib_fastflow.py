@@ -37,6 +37,7 @@ from bench.features import CachedFeatures
 from bench.methods.base import MethodContext
 from bench.methods.fastflow import FastFlow
 from bench.registry import DATASETS
+from bench.runner.heap import retain_freed_memory
 
 ANOMALIB_SCRIPT = textwrap.dedent(
     """
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--anomalib-python", help="python with anomalib 2.7; omit to skip it")
     args = parser.parse_args()
 
+    retain_freed_memory()  # as `bench run` does while cells run
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="ff-compare-") as tmp:
         root = subset_folder(
