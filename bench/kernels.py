@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from bench.errors import BenchError
+
 
 def _onednn_linear_op() -> object | None:
     if not torch.backends.mkldnn.is_available():
@@ -41,7 +43,9 @@ def choose_backend(choice: str, available: bool, cpu_capability: str) -> str:
     """``onednn`` or ``default`` (PyTorch's own path) for float32 CPU dense layers."""
     choice = choice.lower()
     if choice not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={choice}: expected one of {', '.join(BACKENDS)}")
+        raise BenchError(
+            f"environment variable {BACKEND_ENV}={choice}: expected one of {', '.join(BACKENDS)}"
+        )
     if not available:
         return "default"
     if choice == "auto":
