@@ -12,6 +12,9 @@ Latency is per image at batch 1, end to end (image tensor -> backbone -> map), a
 
     python scripts/compare_anomalib_fastflow.py --data-root /data/mvtec_ad \\
         --category bottle --anomalib-python /work/anovenv/bin/python
+On a host with noise, ``--pairs 3`` runs three pairs (bench, then anomalib with validation
+off; the next pair the other way round) and prints each pair's fit and latency ratios and
+their medians.
 """
 
 from __future__ import annotations
@@ -207,6 +210,45 @@ def _row(name: str, result: dict, reference_fit: float | None) -> str:
     )
 
 
+def _median_latency(result: dict) -> float:
+    return statistics.median(result["latency"])
+
+
+def compare_in_pairs(args: argparse.Namespace) -> None:
+    """Fit and batch-1 latency ratios over alternating pairs, for a host with noise."""
+    retain_freed_memory()
+    device = torch.device(args.device)
+    fits, latencies = [], []
+    with tempfile.TemporaryDirectory(prefix="ff-compare-") as tmp:
+        root = subset_folder(
+            args.data_root, args.category, args.train_images, args.test_per_defect,
+            Path(tmp) / "data",
+        )  # fmt: skip
+        for pair in range(args.pairs):
+            order = ("bench", "anomalib") if pair % 2 == 0 else ("anomalib", "bench")
+            results = {}
+            for side in order:
+                if side == "bench":
+                    results[side] = run_bench(args, root, device)
+                else:
+                    workdir = Path(tmp) / f"anomalib-{pair}"
+                    results[side] = run_anomalib(args, root, device, True, workdir)
+            ours, theirs = results["bench"], results["anomalib"]
+            fits.append(ours["fit"] / theirs["fit"])
+            latencies.append(_median_latency(ours) / _median_latency(theirs))
+            print(
+                f"pair {pair + 1}: fit {ours['fit']:.2f} vs {theirs['fit']:.2f} s "
+                f"({fits[-1]:.2f}); latency {_median_latency(ours) * 1e3:.1f} vs "
+                f"{_median_latency(theirs) * 1e3:.1f} ms ({latencies[-1]:.2f})",
+                flush=True,
+            )
+    print(
+        f"\nbench / anomalib (validation off), {args.pairs} alternating pairs: fit "
+        f"{statistics.median(fits):.2f} ({min(fits):.2f}-{max(fits):.2f}), batch-1 latency "
+        f"{statistics.median(latencies):.2f} ({min(latencies):.2f}-{max(latencies):.2f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True, help="folder holding categories")
@@ -223,7 +265,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--anomalib-python", help="python with anomalib 2.7; omit to skip it")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="instead: this many pairs of bench and anomalib with validation off, alternating "
+        "which runs first; prints each pair's ratios and their medians",
+    )
     args = parser.parse_args()
+    if args.pairs > 0:
+        if not args.anomalib_python:
+            parser.error("--pairs needs --anomalib-python")
+        compare_in_pairs(args)
+        return
 
     retain_freed_memory()  # as `bench run` does while cells run
     device = torch.device(args.device)
