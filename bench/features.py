@@ -27,6 +27,15 @@ DEFAULT_MEMORY_BUDGET = int(os.environ.get("FLOWAD_FEATURE_RAM_BYTES", 6 * 1024*
 CPU_MICRO_BATCH = 8
 
 
+def extract_in_parts(extractor: FeatureExtractor, images: Tensor) -> Iterator[dict[str, Tensor]]:
+    """The backbone's features of ``images``, on the CPU ``CPU_MICRO_BATCH`` images at a time:
+    each image's features do not depend on the others, and small parts keep the activations
+    in cache (resnet18 at 256 on 2 cores: 26.5 ms an image in 32s, 23.5 in 8s)."""
+    size = CPU_MICRO_BATCH if images.device.type == "cpu" else images.shape[0]
+    for part in images.split(max(size, 1)):
+        yield extractor(part)
+
+
 class FeatureSource:
     """Batches of {layer: (B, C, H, W)} features, in a fixed order unless shuffled."""
 
@@ -102,11 +111,9 @@ class CachedFeatures(FeatureSource):
                     (n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last
                 )
         start = 0
-        micro = CPU_MICRO_BATCH if device.type == "cpu" else None
         for images in tqdm(loader, desc=desc, leave=False, unit="batch", disable=not progress):
-            for part in images.split(micro or images.shape[0]):
-                feats = extractor(part.to(device))
-                stop = start + part.shape[0]
+            for feats in extract_in_parts(extractor, images.to(device)):
+                stop = start + next(iter(feats.values())).shape[0]
                 for layer, value in feats.items():
                     tensors[layer][start:stop] = value.float().cpu()
                 start = stop
@@ -134,13 +141,9 @@ class StreamedFeatures(FeatureSource):
         return self.size
 
     def batches(self, batch_size, shuffle=False, generator=None, drop_last=False):
-        micro = CPU_MICRO_BATCH if self.device.type == "cpu" else None
         for images in self.make_loader(batch_size, shuffle, generator, drop_last):
-            images = images.to(self.device)
-            if micro is None or images.shape[0] <= micro:
-                yield self.extractor(images)
-                continue
-            # Each image's features do not depend on the others: run the backbone in cache-sized
-            # parts (resnet18 at 256 on 2 cores: 26.5 ms an image in 32s, 23.5 in 8s).
-            parts = [self.extractor(part) for part in images.split(micro)]
-            yield {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]}
+            parts = list(extract_in_parts(self.extractor, images.to(self.device)))
+            if len(parts) == 1:
+                yield parts[0]
+            else:
+                yield {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]}

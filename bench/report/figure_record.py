@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.runner import examples
+from bench.runner.catalog import file_stamp
 
 FOLDER = "figures"
 RECORD = "drawn.json"
@@ -32,8 +33,7 @@ def inputs_key(folder: Path, rows: list[dict[str, Any]]) -> str:
     """A digest of everything the figures show or are drawn with."""
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode())
     for path in sorted((Path(folder) / examples.FOLDER).glob("*.npz")):
-        stat = path.stat()
-        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}".encode())
+        digest.update(file_stamp(path).encode())
     drawing_code = util.find_spec("bench.report.figures")
     if drawing_code is not None and drawing_code.origin:
         digest.update(Path(drawing_code.origin).read_bytes())

@@ -19,7 +19,8 @@ from bench.datasets.base import cache_dir
 from bench.registry import DATASETS, ENTRY_POINT_GROUP, METHODS
 
 
-def _stamp(path: Path | str) -> str:
+def file_stamp(path: Path | str) -> str:
+    """A file's path, size and modification time: changes when the file does."""
     stat = Path(path).stat()
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -30,7 +31,7 @@ def listing_key() -> str | None:
     package = Path(__file__).resolve().parents[1]
     sources = [*package.glob("methods/*.py"), *package.glob("datasets/*.py")]
     sources += [package / "extractor.py", package / "registry.py", Path(__file__).resolve()]
-    parts = [_stamp(path) for path in sorted(sources)]
+    parts = [file_stamp(path) for path in sorted(sources)]
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
         dist = ep.dist
         parts.append(
@@ -42,7 +43,7 @@ def listing_key() -> str | None:
             return None
         if spec is None or spec.origin is None:
             return None
-        parts.append(_stamp(spec.origin))
+        parts.append(file_stamp(spec.origin))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
