@@ -72,7 +72,7 @@ from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import FeatureSource
-from bench.kernels import weights_key
+from bench.kernels import backward_in_parts, weights_key
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
 
 SCALES = 3
@@ -259,14 +259,22 @@ class CsFlowModel(nn.Module):
         return latents
 
 
-def csflow_loss(latents: list[Tensor], log_det: Tensor, how: str = "per-image") -> Tensor:
+def csflow_loss(
+    latents: list[Tensor], log_det: Tensor, how: str = "per-image", batch_size: int | None = None
+) -> Tensor:
     """mean over images of (|z|^2 / 2 - log det), divided by the latent dimensions.
 
     ``batch-sum`` (anomalib) subtracts the log-determinant summed over the whole batch.
+    With ``batch_size``, these images' share of the loss of a batch of that many.
     """
     z = torch.cat([v.reshape(v.shape[0], -1) for v in latents], dim=1)
-    jac = log_det.sum() if how == "batch-sum" else log_det
-    return torch.mean(0.5 * torch.sum(z**2, dim=1) - jac) / z.shape[1]
+    energy = 0.5 * torch.sum(z**2, dim=1)
+    if batch_size is None:
+        jac = log_det.sum() if how == "batch-sum" else log_det
+        return torch.mean(energy - jac) / z.shape[1]
+    if how == "batch-sum":
+        return (energy.sum() / batch_size - log_det.sum()) / z.shape[1]
+    return torch.sum(energy - log_det) / batch_size / z.shape[1]
 
 
 def image_scores(latents: list[Tensor]) -> Tensor:
@@ -455,14 +463,17 @@ class CsFlow(Method):
             total = torch.zeros((), device=self.device)
             count = 0
             for batch in train.batches(s.batch_size, shuffle=True, generator=generator):
-                latents, log_det = model(self._features(batch))
-                loss = csflow_loss(latents, log_det, s.log_det)
+                features = self._features(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = backward_in_parts(
+                    lambda part, size: csflow_loss(*model(part), s.log_det, batch_size=size),
+                    params,
+                    features,
+                )
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 optimizer.step()
-                n = latents[0].shape[0]
-                total += loss.detach() * n
+                n = features[0].shape[0]
+                total += loss * n
                 count += n
             self.history.append(float(total) / max(count, 1))
             bar.set_postfix(loss=f"{self.history[-1]:.4g}")

@@ -25,6 +25,7 @@ from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import CPU_MICRO_BATCH, FeatureSource
+from bench.kernels import backward_in_parts
 from bench.methods.base import Method, MethodContext, register_method, register_variant
 
 CLAMP = 2.0
@@ -215,11 +216,18 @@ class FastFlowModel(nn.Module):
         return [z for z, _ in outputs], [j for _, j in outputs]
 
 
-def fastflow_loss(latents: list[Tensor], log_dets: list[Tensor]) -> Tensor:
-    """Sum over scales of the batch mean of 0.5 * ||z||^2 - log det (constant dropped)."""
+def fastflow_loss(
+    latents: list[Tensor], log_dets: list[Tensor], batch_size: int | None = None
+) -> Tensor:
+    """Sum over scales of the batch mean of 0.5 * ||z||^2 - log det (constant dropped).
+
+    With ``batch_size``, the sum over these images divided by it: one part's share of the
+    mean over a whole batch that was split into parts.
+    """
     total = latents[0].new_zeros(())
     for z, log_det in zip(latents, log_dets, strict=True):
-        total = total + torch.mean(0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_det)
+        nll = 0.5 * torch.sum(z**2, dim=(1, 2, 3)) - log_det
+        total = total + (torch.mean(nll) if batch_size is None else torch.sum(nll) / batch_size)
     return total
 
 
@@ -345,12 +353,15 @@ class FastFlow(Method):
             count = 0
             for batch in train.batches(s.batch_size, True, generator, s.drop_last):
                 features = [batch[k] for k in self.layers]
-                loss = fastflow_loss(*model(features))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = backward_in_parts(
+                    lambda part, size: fastflow_loss(*model(part), batch_size=size),
+                    params,
+                    features,
+                )
                 optimizer.step()
                 n = features[0].shape[0]
-                total += loss.detach() * n
+                total += loss * n
                 count += n
             epoch_loss = float(total) / count
             self.history.append(epoch_loss)

@@ -47,7 +47,7 @@ def _versions() -> dict[str, str | None]:
 def _hardware(device: str) -> dict[str, Any]:
     import torch  # only writing run.json asks torch; reading it does not
 
-    from bench.kernels import LINEAR_BACKEND
+    from bench.kernels import LINEAR_BACKEND, cpu_workers
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -56,6 +56,8 @@ def _hardware(device: str) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "linear_backend": LINEAR_BACKEND,  # float32 CPU dense layers (bench.kernels)
         "torch_threads": torch.get_num_threads(),
+        # CPU threads a training batch is split over (bench.kernels)
+        "cpu_workers": cpu_workers(),
         "device": device,
     }
     try:
