@@ -5,16 +5,17 @@ permutation, per-batch normalisation, random-init backbone) on the first N train
 of one MVTec-layout category, for the same number of epochs:
 - bench: features extracted once (ImageSet -> FeatureExtractor -> CachedFeatures), then
   CFlow.fit; testing is test-feature extraction plus CFlow.predict (batches of 32);
-- anomalib: ``Engine.fit`` as it runs by default (validation on the test split every epoch)
-  and ``Engine.test`` with the visualiser off unless ``--anomalib-visualizer``, in a separate
-  interpreter (``--anomalib-python``), since anomalib is no dependency of bench.
+- anomalib: ``Engine.fit`` with its per-epoch validation switched off (``limit_val_batches=0``;
+  ``--anomalib-validation`` keeps anomalib's default, validation on the test split every
+  epoch) and ``Engine.test`` with the visualiser off unless ``--anomalib-visualizer``, in a
+  separate interpreter (``--anomalib-python``), since anomalib is no dependency of bench.
 Test time is wall time per test image including image loading; AUROCs are sklearn's on the
 raw scores and maps (bench) and anomalib's own test metrics (anomalib). Per-batch
 normalisation makes both depend on how the test set is batched, so small AUROC gaps are
 expected even with identical models.
 
     python scripts/compare_anomalib_cflow.py --data-root /data/mvtec_ad \\
-        --category bottle --anomalib-python /work/anovenv/bin/python
+        --category bottle --anomalib-python ANOMALIB_PYTHON
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import textwrap
@@ -40,6 +42,7 @@ from bench.features import CachedFeatures
 from bench.methods.base import MethodContext
 from bench.methods.cflow import CFlow
 from bench.registry import DATASETS
+from bench.runner.heap import retain_freed_memory
 
 REFERENCE = "anomalib"
 
@@ -84,12 +87,14 @@ ANOMALIB_SCRIPT = textwrap.dedent(
     build = time.perf_counter() - start
     if cfg["init_path"]:
         torch.save(model.model.state_dict(), cfg["init_path"])
+    extra = {} if cfg["validation"] else {"limit_val_batches": 0, "num_sanity_val_steps": 0}
     engine = Engine(
         max_epochs=cfg["epochs"],
         accelerator=cfg["accelerator"],
         devices=1,
         default_root_dir=cfg["workdir"],
         enable_progress_bar=False,
+        **extra,
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -219,6 +224,7 @@ def run_anomalib(
         "seed": args.seed,
         "accelerator": "gpu" if device.type == "cuda" else "cpu",
         "visualizer": args.anomalib_visualizer,
+        "validation": args.anomalib_validation,
         "raw_scores": args.anomalib_raw_scores,
         "workdir": str(workdir),
         "init_path": str(init) if init else "",
@@ -236,6 +242,46 @@ def run_anomalib(
     return json.loads(line[len("RESULT ") :])
 
 
+def compare_in_pairs(args: argparse.Namespace) -> None:
+    """Fit and test-time ratios over alternating pairs, for a host with noise.
+
+    Both sides start from the same initial weights (anomalib saves its fresh model's state;
+    the seed makes it the same in every pair), unless ``--independent-init``.
+    """
+    device = torch.device(args.device)
+    root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)
+    init = None if args.independent_init else root / "init.pt"
+    fits, tests = [], []
+    try:
+        for pair in range(args.pairs):
+            # anomalib first in the first pair: it writes the initial weights bench starts from
+            order = ("anomalib", "bench") if pair % 2 == 0 else ("bench", "anomalib")
+            results = {}
+            for side in order:
+                if side == "bench":
+                    results[side] = run_bench(args, root, device, init)
+                else:
+                    results[side] = run_anomalib(args, root, device, init)
+            ours, theirs = results["bench"], results["anomalib"]
+            fits.append(ours["fit"] / theirs["fit"])
+            tests.append(ours["test"] / theirs["test"])
+            print(
+                f"pair {pair + 1}: fit {ours['fit']:.2f} vs {theirs['fit']:.2f} s "
+                f"({fits[-1]:.2f}); test {ours['test']:.2f} vs {theirs['test']:.2f} s "
+                f"({tests[-1]:.2f}); image AUROC {ours['image_auroc']:.4f} vs "
+                f"{theirs['image_auroc']:.4f}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    validation = "on" if args.anomalib_validation else "off"
+    print(
+        f"\nbench / anomalib (validation {validation}), {args.pairs} alternating pairs: fit "
+        f"{statistics.median(fits):.2f} ({min(fits):.2f}-{max(fits):.2f}), test "
+        f"{statistics.median(tests):.2f} ({min(tests):.2f}-{max(tests):.2f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, required=True, help="MVTec-layout folder")
@@ -249,15 +295,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--anomalib-python", default="/work/anovenv/bin/python")
+    parser.add_argument("--anomalib-python", help="python with anomalib 2.7; omit to skip it")
     parser.add_argument("--anomalib-visualizer", action="store_true")
+    parser.add_argument(
+        "--anomalib-validation",
+        action="store_true",
+        help="anomalib's default: validation on the test split after every epoch (off by "
+        "default, the fair comparison: bench's fit does not validate)",
+    )
     parser.add_argument(
         "--anomalib-raw-scores",
         action="store_true",
         help="anomalib without its post-processor: its metrics then read raw scores, as bench's "
         "do, instead of scores normalised and clamped to [0, 1] (which ties the clamped ones)",
     )
-    parser.add_argument("--skip-anomalib", action="store_true")
     parser.add_argument(
         "--independent-init",
         action="store_true",
@@ -267,13 +318,27 @@ def main() -> None:
         "--eval-chunk", type=int, default=4096, help="cflow.eval_chunk; 0 = fiber batch"
     )
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="instead: this many pairs of bench and anomalib, alternating which runs first; "
+        "prints each pair's ratios and their medians",
+    )
     args = parser.parse_args()
+    retain_freed_memory()  # as `bench run` does while cells run
+    if args.pairs > 0:
+        if not args.anomalib_python:
+            parser.error("--pairs needs --anomalib-python")
+        compare_in_pairs(args)
+        return
 
     device = torch.device(args.device)
     root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)
-    init = None if (args.skip_anomalib or args.independent_init) else root / "init.pt"
+    skip_anomalib = args.anomalib_python is None
+    init = None if (skip_anomalib or args.independent_init) else root / "init.pt"
     try:
-        theirs = None if args.skip_anomalib else run_anomalib(args, root, device, init)
+        theirs = None if skip_anomalib else run_anomalib(args, root, device, init)
         ours = run_bench(args, root, device, init)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -11,7 +11,7 @@ Adam 1e-3 / 1e-5) on the first N training images of one MVTec-layout category:
 Latency is per image at batch 1, end to end (image tensor -> backbone -> map), after warm-up.
 
     python scripts/compare_anomalib_fastflow.py --data-root /data/mvtec_ad \\
-        --category bottle --anomalib-python /work/anovenv/bin/python
+        --category bottle --anomalib-python ANOMALIB_PYTHON
 On a host with noise, ``--pairs 3`` runs three pairs (bench, then anomalib with validation
 off; the next pair the other way round) and prints each pair's fit and latency ratios and
 their medians.

@@ -19,8 +19,10 @@ from bench.features import CachedFeatures
 from bench.methods.base import MethodContext, apply_overrides
 from bench.methods.fastflow import (
     FastFlow,
+    FastFlowModel,
     FastFlowSettings,
     FlowStep,
+    FrozenFlows,
     anomaly_map,
     build_flow,
     count_trainable,
@@ -252,6 +254,37 @@ def test_fit_reduces_loss_and_predicts_maps() -> None:
     assert maps.shape == (5, 32, 32) and scores.shape == (5,)
     assert torch.equal(scores, maps.amax(dim=(1, 2)))
     assert bool((maps < 0).all() and (maps >= -1).all())
+
+
+@pytest.mark.parametrize("conv3x3_only", [False, True])
+def test_scoring_snapshot_gives_the_models_maps(conv3x3_only: bool) -> None:
+    shapes = [(6, 8, 8), (8, 4, 4), (10, 2, 2)]
+    model = FastFlowModel(shapes, 4, 1.0, conv3x3_only, layer_norm=True)
+    _perturb(model, scale=0.3)  # tanh/sigmoid away from 0, global affine away from 1 and 0
+    gen = torch.Generator().manual_seed(3)
+    features = [torch.randn(3, c, h, w, generator=gen) for c, h, w in shapes]
+    with torch.no_grad():
+        expected = anomaly_map(model(features)[0], (32, 32))
+        latents = FrozenFlows(model)(features)
+        maps = anomaly_map(latents, (32, 32))
+        reference = model(features)[0]
+    torch.testing.assert_close(maps, expected, rtol=0, atol=2e-6)
+    for z, ref in zip(latents, reference, strict=True):  # z up to the last channel order
+        torch.testing.assert_close(z.sort(dim=1).values, ref.sort(dim=1).values)
+
+
+def test_prediction_follows_training() -> None:
+    context = _context()
+    method = FastFlow(_tiny_settings(epochs=1), context)
+    features = next(_random_features(context, 3, seed=2).batches(3))
+    _, untrained = method.predict_batch(features)
+    method.fit(_random_features(context, 6))  # fused Adam leaves version counters unchanged
+    _, maps = method.predict_batch(features)
+    with torch.no_grad():
+        inputs = [features[k] for k in method.layers]
+        expected = anomaly_map(method.model(inputs)[0], context.output_size)
+    assert not torch.allclose(maps, untrained)
+    torch.testing.assert_close(maps, expected, rtol=0, atol=2e-6)
 
 
 def test_early_stop_on_training_loss() -> None:

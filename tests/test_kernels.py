@@ -32,6 +32,9 @@ def backend(request, monkeypatch) -> str:
 
 def test_onednn_where_the_cpu_has_avx512_unless_told() -> None:
     assert choose_backend("auto", True, "AVX512") == "onednn"
+    assert choose_backend("auto", True, "AVX512", "AuthenticAMD") == "onednn"
+    assert choose_backend("auto", True, "AVX512", "GenuineIntel") == "default"  # MKL: AVX-512
+    assert choose_backend("onednn", True, "AVX512", "GenuineIntel") == "onednn"
     assert choose_backend("auto", True, "AVX2") == "default"
     assert choose_backend("onednn", True, "AVX2") == "onednn"
     assert choose_backend("DEFAULT", True, "AVX512") == "default"

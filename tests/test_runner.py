@@ -90,6 +90,7 @@ def test_run_writes_rows_tables_and_resumes(data_root, tmp_path, monkeypatch, ca
     assert run_json["versions"]["torch"] and run_json["hardware"]["cpu_count"]
     hardware = run_json["hardware"]
     assert hardware["cpu_workers"] == (2 if hardware["torch_threads"] >= 2 else 1)
+    assert hardware["linear_backend"] in ("onednn", "default") and "cpu_vendor" in hardware
     assert len(seen) == 2
 
     assert _run(data_root, out) == 0  # the same command again: nothing to do
