@@ -533,10 +533,51 @@ def _fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     if isinstance(model, torch.fx.GraphModule):
-        return copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+        folded = _fold_graph_batchnorm(copy.deepcopy(model).eval())
+        return folded.to(memory_format=torch.channels_last)
     try:
         folded = fuse(model)
     except Exception as exc:  # noqa: BLE001 - tracing fails in many ways; folding is optional
         log.debug("BatchNorm folding skipped for %s: %s", type(model).__name__, exc)
         folded = copy.deepcopy(model)
     return folded.eval().to(memory_format=torch.channels_last)
+
+
+def _fold_graph_batchnorm(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Fold each eval-mode BatchNorm that alone reads a plain convolution's output into it,
+    in place, keeping the graph: timm's traced extractors (EfficientNet's ``BatchNormAct2d``
+    keeps its dropout and activation after the fold). Convolutions that transform their
+    weights in ``forward`` (weight standardisation) are left alone.
+    """
+    from timm.layers import BatchNormAct2d, Conv2dSame
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    modules = dict(graph_module.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in graph_module.graph.nodes:
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        if type(norm) not in (nn.BatchNorm2d, BatchNormAct2d) or norm.running_mean is None:
+            continue
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            continue
+        conv = modules[source.target]
+        if type(conv) not in (nn.Conv2d, Conv2dSame) or len(source.users) != 1:
+            continue
+        if calls[source.target] != 1 or calls[node.target] != 1:  # a module used twice
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight,
+            conv.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.eps,
+            norm.weight,
+            norm.bias,
+        )
+        rest = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else None
+        graph_module.set_submodule(node.target, rest or nn.Identity())
+    return graph_module

@@ -317,6 +317,29 @@ def test_module_path_layers_reach_stages_without_a_feature_level():
     torch.testing.assert_close(ex(images)["blocks.5"], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet_b0", "tf_efficientnet_b5"])
+def test_traced_extractor_folds_batchnorm_and_keeps_the_activation(backbone):
+    # timm's EfficientNets are traced module-path extractors with BatchNormAct2d (the TF
+    # port with padding-"same" convolutions): the fold must keep each norm's activation
+    ex = FeatureExtractor(backbone, ["blocks.5"], "random", input_size=(64, 64))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # statistics away from (0, 1) so that a wrong fold shows
+        for m in ex.model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=gen))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        (expected,) = ex.model(images).values()
+    folded = ex._cnn_for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.SiLU) for m in folded.modules())
+    scale = expected.abs().max()
+    torch.testing.assert_close(ex(images)["blocks.5"] / scale, expected / scale, rtol=0, atol=1e-5)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in ex.model.modules())  # untouched
+
+
 def test_bad_layer_specs_are_explained():
     with pytest.raises(BenchError, match="no layer 'blocks.99'"):
         FeatureExtractor("resnet18", ["blocks.99"], "random", input_size=(32, 32))
