@@ -55,7 +55,7 @@ BACKEND_ENV = "FLOWAD_LINEAR_BACKEND"
 BACKENDS = ("auto", "onednn", "default")
 
 
-def cpu_vendor() -> str:
+def _read_cpu_vendor() -> str:
     """The processor's vendor string (``GenuineIntel``, ``AuthenticAMD``), or "" if unknown."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
@@ -85,12 +85,14 @@ def choose_backend(choice: str, available: bool, cpu_capability: str, vendor: st
 
 
 _LINEAR = _onednn_linear_op()
+# This processor's vendor, read once: it chooses the backend and run.json records it.
+CPU_VENDOR = _read_cpu_vendor()
 # What float32 CPU dense layers run on in this process (run.json records it with the hardware).
 LINEAR_BACKEND = choose_backend(
     os.environ.get(BACKEND_ENV, "auto"),
     _LINEAR is not None,
     torch.backends.cpu.get_cpu_capability(),
-    cpu_vendor(),
+    CPU_VENDOR,
 )
 # Rows per product that packed weights are laid out for; any row count gives the same result.
 _PACK_ROWS_HINT = 4096

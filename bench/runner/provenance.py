@@ -47,13 +47,13 @@ def _versions() -> dict[str, str | None]:
 def _hardware(device: str) -> dict[str, Any]:
     import torch  # only writing run.json asks torch; reading it does not
 
-    from bench.kernels import LINEAR_BACKEND, cpu_vendor, cpu_workers
+    from bench.kernels import CPU_VENDOR, LINEAR_BACKEND, cpu_workers
 
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "cpu_vendor": cpu_vendor() or None,  # None where the OS does not say
+        "cpu_vendor": CPU_VENDOR or None,  # None where the OS does not say
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "linear_backend": LINEAR_BACKEND,  # float32 CPU dense layers (bench.kernels)
         "torch_threads": torch.get_num_threads(),
