@@ -24,6 +24,7 @@ Smoke test (one pair, small data):
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -90,7 +91,7 @@ ANOMALIB_SCRIPT = textwrap.dedent(
     model = {constructor}
     engine = Engine(
         max_epochs=cfg["epochs"],
-        accelerator="cpu",
+        accelerator=cfg["accelerator"],
         devices=1,
         default_root_dir=cfg["workdir"],
         limit_val_batches=0,
@@ -112,6 +113,20 @@ class Usage:
     wall: float  # seconds
     cpu: float  # user + system seconds, children it waited for included
     peak_rss_mib: float
+
+
+PHASES = ("feature_seconds", "fit_seconds", "test_seconds", "metric_seconds")
+
+
+def bench_phases(run_folder: Path) -> dict[str, float]:
+    """The phase timings bench wrote into the run's results.csv (summed over its rows), so
+    the part of the whole process spent outside them (start-up, loading, report) shows."""
+    path = run_folder / "results.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {p: sum(float(r[p]) for r in rows if r.get(p)) for p in PHASES}
 
 
 def run_measured(command: list[str], log: Path, env: dict[str, str]) -> Usage:
@@ -150,6 +165,21 @@ def cpu_description() -> dict[str, str]:
     }
 
 
+def gpu_description() -> str:
+    """The GPU model and driver as nvidia-smi reports them (torch stays unimported here)."""
+    try:
+        answer = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (nvidia-smi did not answer)"
+    return answer.stdout.strip().splitlines()[0]
+
+
 def bench_command(args: argparse.Namespace, method: str, root: Path, out: Path) -> list[str]:
     spec = METHODS[method]
     return [
@@ -183,6 +213,8 @@ def bench_command(args: argparse.Namespace, method: str, root: Path, out: Path) 
         str(args.workers),
         "--seeds",
         str(args.seed),
+        "--device",
+        args.device,
         "--no-profile",
         "--out",
         str(out),
@@ -203,6 +235,7 @@ def anomalib_command(args: argparse.Namespace, method: str, root: Path, workdir:
         "batch_size": spec["batch_size"],
         "threads": args.threads,
         "workers": args.workers,
+        "accelerator": "gpu" if args.device == "cuda" else "cpu",
         "seed": args.seed,
         "visualizer": bool(args.anomalib_visualizer),
         "workdir": str(workdir / "anomalib-out"),
@@ -213,7 +246,7 @@ def anomalib_command(args: argparse.Namespace, method: str, root: Path, workdir:
 def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dict:
     """``--repeats`` alternating pairs of one method; every measurement and the medians."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    pairs = []
+    pairs, phases = [], []
     for repeat in range(args.repeats):
         results = {}
         order = ("bench", "anomalib") if repeat % 2 == 0 else ("anomalib", "bench")
@@ -225,6 +258,8 @@ def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dic
             else:
                 command = anomalib_command(args, method, root, work)
             results[side] = run_measured(command, work / "log.txt", env)
+            if side == "bench":
+                phases.append(bench_phases(work / "run"))
             shutil.rmtree(work / "run", ignore_errors=True)
             shutil.rmtree(work / "anomalib-out", ignore_errors=True)
             print(f"  {method} {repeat + 1}/{args.repeats} {side}: {results[side]}", flush=True)
@@ -237,6 +272,10 @@ def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dic
     return {
         "method": method,
         "pairs": [{k: vars(v) for k, v in p.items()} for p in pairs],
+        "bench_phases": phases,
+        "bench_phase_medians": {
+            p: statistics.median(ph[p] for ph in phases) for p in PHASES if all(phases)
+        },
         "medians": {
             side: {f: median(side, f) for f in ("wall", "cpu", "peak_rss_mib")}
             for side in ("bench", "anomalib")
@@ -249,7 +288,9 @@ def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dic
 def markdown(rows: list[dict], cpu: dict[str, str], args: argparse.Namespace) -> str:
     lines = [
         f"CPU: {cpu['model']}, {cpu['cores']} cores, vector extensions: "
-        f"{cpu['vector extensions']}; {args.threads} torch threads, {args.workers} loader "
+        f"{cpu['vector extensions']}; "
+        + (f"GPU: {cpu['gpu']} (both sides on CUDA); " if "gpu" in cpu else "")
+        + f"{args.threads} torch threads, {args.workers} loader "
         f"worker(s); {args.train_images} train images of `{args.category}`, "
         f"{'all' if args.test_per_defect is None else args.test_per_defect} test images per "
         f"folder; medians of {args.repeats} alternating pair(s).",
@@ -268,6 +309,21 @@ def markdown(rows: list[dict], cpu: dict[str, str], args: argparse.Namespace) ->
             f"| {b['cpu']:.1f} | {a['cpu']:.1f} | {b['peak_rss_mib']:.0f} "
             f"| {a['peak_rss_mib']:.0f} |"
         )
+    lines += [
+        "",
+        "Where bench's wall time goes (medians; `rest` is start-up, image loading for the "
+        "test set's masks, the report and figures):",
+        "",
+        "| method | features (s) | fit (s) | test (s) | metrics (s) | rest (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        phases = row["bench_phase_medians"]
+        if not phases:
+            continue
+        rest = row["medians"]["bench"]["wall"] - sum(phases.values())
+        cells = " | ".join(f"{phases[p]:.1f}" for p in PHASES)
+        lines.append(f"| {row['method']} | {cells} | {rest:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -284,6 +340,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--workers", type=int, default=min(4, (os.cpu_count() or 1) // 2))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="both sides")
     parser.add_argument("--anomalib-visualizer", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
@@ -296,8 +353,11 @@ def main() -> None:
         parser.error("--repeats must be at least 1")
 
     cpu = cpu_description()
+    if args.device == "cuda":
+        cpu["gpu"] = gpu_description()
     print(
         f"CPU {cpu['model']} ({cpu['cores']} cores), vector extensions: {cpu['vector extensions']}"
+        + (f"; GPU {cpu['gpu']}" if "gpu" in cpu else "")
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="whole-run-") as tmp_name:

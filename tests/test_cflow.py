@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from bench.errors import BenchError
 from bench.features import CachedFeatures
+from bench.kernels import WORKERS_ENV
 from bench.methods.base import MethodContext
 from bench.methods.cflow import (
     CFlow,
@@ -316,7 +318,7 @@ def test_remainder_fibers_dropped_or_folded() -> None:
         method = CFlow(tiny_settings(reference, fiber_batch=12), context(reference))
         _, used = method._train_batch(
             next(random_features(4).batches(4)),
-            torch.optim.Adam([p for p in method.model.parameters() if p.requires_grad]),
+            method._optimizers(),
             torch.Generator().manual_seed(0),
         )
         seen[reference] = used
@@ -390,18 +392,50 @@ def test_idle_decoders_keep_moving_as_under_pytorch_1() -> None:
         settings = tiny_settings(reference, pool_layers=2)
         assert settings.zero_grad_to_none is (reference == "anomalib")
         method = CFlow(settings, context(reference))
-        params = [p for p in method.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params)
+        optimizers = method._optimizers()
+        assert len({id(o) for o in optimizers}) == (2 if reference == "anomalib" else 1)
         before = [d.module_list[0].global_offset.clone() for d in method.model.decoders]
         method._train_batch(
-            next(random_features(4).batches(4)), optimizer, torch.Generator().manual_seed(0)
+            next(random_features(4).batches(4)), optimizers, torch.Generator().manual_seed(0)
         )
         first, second = (d.module_list[0].global_offset for d in method.model.decoders)
         assert not torch.equal(first, before[0]) and not torch.equal(second, before[1])
         steps[reference] = [
-            int(optimizer.state[d.module_list[0].global_offset]["step"])
-            for d in method.model.decoders
+            int(o.state[d.module_list[0].global_offset]["step"])
+            for o, d in zip(optimizers, method.model.decoders, strict=True)
         ]
     # layer3: 64 fibers, layer4: 16, in fiber batches of 8
     assert steps["anomalib"] == [8, 2]
     assert steps["original"] == [10, 2]
+
+
+@pytest.mark.parametrize("reference", ["anomalib", "original"])
+def test_decoders_train_at_once_as_one_thread_trains_them_in_turn(
+    reference: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an Adam per decoder (anomalib) the decoders train on two CPU worker threads at
+    once, one torch thread each, and the weights are bit for bit those of a one-thread fit
+    that trains them in turn; ``original`` (one shared Adam) always trains them in turn."""
+    fitted = {}
+    for workers, threads in (("1", 1), ("2", 2)):
+        monkeypatch.setenv(WORKERS_ENV, workers)
+        torch.set_num_threads(threads)
+        method = CFlow(tiny_settings(reference, epochs=2), context(reference))
+        train_decoder, where = method._train_decoder, set()
+
+        def recorded(job, train_decoder=train_decoder, where=where):  # noqa: ANN001, ANN202
+            where.add(threading.current_thread().name.startswith("flowad-cpu"))
+            return train_decoder(job)
+
+        method._train_decoder = recorded
+        method.fit(random_features(8))
+        fitted[workers] = (method.state_dict(), method.history, where)
+    torch.set_num_threads(1)
+    (alone, history, where_alone), (together, history_together, where_together) = (
+        fitted["1"],
+        fitted["2"],
+    )
+    assert where_alone == {False}
+    assert where_together == ({True} if reference == "anomalib" else {False})
+    assert history == history_together
+    assert all(torch.equal(alone[k], together[k]) for k in alone)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import threading
 
 import numpy as np
 import pytest
@@ -42,3 +43,21 @@ def test_release_hands_the_free_heap_back() -> None:
     release_freed_memory()
     assert held - _resident_bytes() > BLOCK // 2
     assert _faults_touching_a_fresh_block() >= FRESH_FAULTS // 2
+
+
+def test_release_also_hands_back_what_another_thread_freed() -> None:
+    """A worker thread allocates from a glibc arena of its own; the runner's release between
+    phases must reach it, or each worker keeps its own peak for the rest of the run."""
+    assert retain_freed_memory()
+    piece, count = 8 * 2**20, 24  # below a thread arena's 64 MiB heaps, as activations are
+
+    def allocate_and_free() -> None:
+        blocks = [np.ones(piece, dtype=np.uint8) for _ in range(count)]
+        del blocks
+
+    worker = threading.Thread(target=allocate_and_free)
+    worker.start()
+    worker.join()
+    held = _resident_bytes()
+    release_freed_memory()
+    assert held - _resident_bytes() > piece * count // 2

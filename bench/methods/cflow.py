@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.features import FeatureSource
-from bench.kernels import FrozenReluMlp, constant_linear, weights_key
+from bench.kernels import FrozenReluMlp, constant_linear, map_parts, weights_key
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
 
 if TYPE_CHECKING:
@@ -370,8 +370,7 @@ class CFlow(Method):
     def fit(self, train: FeatureSource) -> None:
         s = self.settings
         generator = torch.Generator().manual_seed(self.context.seed)
-        params = [p for p in self._model.parameters() if p.requires_grad]
-        optimizer = _adam(params, s.lr)
+        optimizers = self._optimizers()
         batches = train.num_batches(s.batch_size, s.drop_last)
         if batches == 0:
             raise BenchError(
@@ -395,9 +394,10 @@ class CFlow(Method):
                 stream = train.batches(s.batch_size, True, generator, s.drop_last)
                 for index, features in enumerate(stream):
                     lr = learning_rate(s, epoch, index + sub_epoch * batches, steps_per_epoch)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    loss_sum, count = self._train_batch(features, optimizer, generator)
+                    for optimizer in dict.fromkeys(optimizers):
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                    loss_sum, count = self._train_batch(features, optimizers, generator)
                     total += loss_sum
                     fibers += count
                     bar.update()
@@ -408,41 +408,88 @@ class CFlow(Method):
             self._frozen = None  # an evaluation may have built it from this epoch's weights
         self._model.eval()
 
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        """One Adam per decoder where gradients are zeroed to None, else one shared by all.
+
+        Adam skips a parameter without a gradient, so with ``zero_grad_to_none`` each
+        decoder's steps move its own weights alone and an Adam of its own is the same update;
+        that lets the decoders train at once (``_train_batch``). Zeroed in place (``original``),
+        every step moves every decoder that has had a gradient, so they share one.
+        """
+        decoders, lr = list(self._model.decoders), self.settings.lr
+        if self.settings.zero_grad_to_none:
+            return [_adam([p for p in d.parameters() if p.requires_grad], lr) for d in decoders]
+        shared = _adam([p for p in self._model.parameters() if p.requires_grad], lr)
+        return [shared] * len(decoders)
+
     def _train_batch(
         self,
         features: dict[str, Tensor],
-        optimizer: torch.optim.Optimizer,
+        optimizers: list[torch.optim.Optimizer],
         generator: torch.Generator,
     ) -> tuple[Tensor, int]:
-        """One pass of every decoder over the shuffled fibers of an image batch."""
+        """One pass of every decoder over the shuffled fibers of an image batch.
+
+        Fiber orders are drawn here, layer by layer, as a sequential pass would draw them.
+        With an optimiser per decoder the decoders are independent and, on the CPU, train on
+        ``cpu_workers()`` threads at once (each decoder's fiber batches of 64 rows are too
+        small for PyTorch's own threading to use two cores well); the loss is summed in the
+        sequential order either way.
+        """
         s = self.settings
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        used = 0
-        for decoder, layer in zip(self._model.decoders, self.layers, strict=True):
+        jobs = []
+        for decoder, optimizer, layer in zip(
+            self._model.decoders, optimizers, self.layers, strict=True
+        ):
             x = features[layer].to(self.device, torch.float32)
             b, c, h, w = x.shape
             count = b * h * w
-            steps = count // s.fiber_batch
-            if steps == 0:
+            if count < s.fiber_batch:
                 raise BenchError(
                     f"cflow: {layer} has {count} fibers per image batch, fewer than "
                     f"cflow.fiber_batch={s.fiber_batch}; lower fiber_batch or raise batch_size"
                 )
             perm = torch.randperm(count, generator=generator).to(self.device)
-            rows = x.permute(0, 2, 3, 1).reshape(count, c)[perm]
-            conds = self._conditions.rows(h, w, self.device)[perm % (h * w)]
-            for step in range(steps):
-                start = step * s.fiber_batch
-                last = step == steps - 1
-                stop = count if (last and s.fold_remainder) else start + s.fiber_batch
-                optimizer.zero_grad(set_to_none=s.zero_grad_to_none)
-                z, log_det = decoder(rows[start:stop], [conds[start:stop]])
-                loss = fiber_loss(z, log_det, c)
-                loss.mean().backward()
-                optimizer.step()
-                total += loss.detach().sum()
-                used += stop - start
+            jobs.append((decoder, optimizer, x, perm))
+        independent = len(set(map(id, optimizers))) == len(optimizers)
+        if independent and self.device.type == "cpu":
+            results = map_parts(self._train_decoder, jobs)
+        else:
+            results = [self._train_decoder(job) for job in jobs]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        used = 0
+        for step_losses, count in results:
+            for loss in step_losses:
+                total += loss
+            used += count
         return total, used
+
+    def _train_decoder(
+        self, job: tuple[nn.Module, torch.optim.Optimizer, Tensor, Tensor]
+    ) -> tuple[list[Tensor], int]:
+        """One decoder's steps over one image batch's fibers in ``perm`` order: the summed
+        loss of each step and the fibers used."""
+        decoder, optimizer, x, perm = job
+        s = self.settings
+        b, c, h, w = x.shape
+        count = b * h * w
+        steps = count // s.fiber_batch
+        rows = x.permute(0, 2, 3, 1).reshape(count, c)[perm]
+        conds = self._conditions.rows(h, w, self.device)[perm % (h * w)]
+        losses = []
+        used = 0
+        for step in range(steps):
+            start = step * s.fiber_batch
+            last = step == steps - 1
+            stop = count if (last and s.fold_remainder) else start + s.fiber_batch
+            optimizer.zero_grad(set_to_none=s.zero_grad_to_none)
+            z, log_det = decoder(rows[start:stop], [conds[start:stop]])
+            loss = fiber_loss(z, log_det, c)
+            loss.mean().backward()
+            optimizer.step()
+            losses.append(loss.detach().sum())
+            used += stop - start
+        return losses, used
 
     @torch.no_grad()
     def likelihoods(self, features: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -6,7 +6,8 @@ frees the same activation sizes every time, so each step faults its memory back 
 page: on the 2-core AVX2 machine, FastFlow resnet18's fit spent 10 of its 100 CPU seconds
 in the kernel. With mappings off and trimming off, freed blocks are reused; the fit takes
 about 5% less wall time. ``release_freed_memory`` hands the free heap back between cells,
-so each cell's peak-memory figure starts from what the process really holds.
+so each cell's peak-memory figure starts from what the process really holds, and between a
+cell's phases, since a block freed by a CPU worker thread stays in that thread's arena.
 """
 
 from __future__ import annotations
