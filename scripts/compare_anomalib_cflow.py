@@ -172,14 +172,14 @@ def run_bench(
         )
 
     start = time.perf_counter()
-    features = CachedFeatures.extract(extractor, loader(train), device)
+    features = CachedFeatures.extract(extractor, loader(train), device, progress=not args.quiet)
     extracted = time.perf_counter() - start
     method.fit(features)
     sync(device)
     fit = time.perf_counter() - start
 
     start = time.perf_counter()
-    test_features = CachedFeatures.extract(extractor, loader(test), device)
+    test_features = CachedFeatures.extract(extractor, loader(test), device, progress=not args.quiet)
     outputs = [(s.cpu(), m.cpu()) for s, m in method.predict(test_features, batch_size=32)]
     sync(device)
     tested = time.perf_counter() - start
