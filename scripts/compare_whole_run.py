@@ -12,7 +12,10 @@ images of one MVTec-layout category (copied to a temporary folder):
   --reference anomalib`` with the epochs and batch size below, ``--threads`` torch threads;
 - anomalib: ``Engine(max_epochs=E, limit_val_batches=0, num_sanity_val_steps=0).fit``,
   then ``Engine.test`` (validation off; no visualiser unless ``--anomalib-visualizer``).
-Both sides load images with ``--workers`` processes and use random backbone weights.
+Both sides load images with ``--workers`` processes and use random backbone weights, on
+``--device`` (``cuda``: bench's ``--device cuda``, anomalib's GPU accelerator; the GPU is
+named in the output). Bench's own phase times (features, fit, test, metrics) are read from
+each run's results.csv, and the table gives what the process spent outside them.
 
     python scripts/compare_whole_run.py --data-root /work/shared/data/mvtec \\
         --anomalib-python /work/anomalib-venv/bin/python --repeats 3 --markdown whole_run.md
