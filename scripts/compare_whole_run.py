@@ -249,6 +249,8 @@ def anomalib_command(args: argparse.Namespace, method: str, root: Path, workdir:
 def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dict:
     """``--repeats`` alternating pairs of one method; every measurement and the medians."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # glibc's own variables for what bench's runner sets with mallopt (bench/runner/heap.py).
+    kept_env = {**env, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
     pairs, phases = [], []
     for repeat in range(args.repeats):
         results = {}
@@ -260,7 +262,8 @@ def compare(args: argparse.Namespace, method: str, root: Path, tmp: Path) -> dic
                 command = bench_command(args, method, root, work / "run")
             else:
                 command = anomalib_command(args, method, root, work)
-            results[side] = run_measured(command, work / "log.txt", env)
+            side_env = env if side == "bench" or not args.anomalib_keep_freed else kept_env
+            results[side] = run_measured(command, work / "log.txt", side_env)
             if side == "bench":
                 phases.append(bench_phases(work / "run"))
             shutil.rmtree(work / "run", ignore_errors=True)
@@ -296,7 +299,12 @@ def markdown(rows: list[dict], cpu: dict[str, str], args: argparse.Namespace) ->
         + f"{args.threads} torch threads, {args.workers} loader "
         f"worker(s); {args.train_images} train images of `{args.category}`, "
         f"{'all' if args.test_per_defect is None else args.test_per_defect} test images per "
-        f"folder; medians of {args.repeats} alternating pair(s).",
+        f"folder; medians of {args.repeats} alternating pair(s)"
+        + (
+            "; anomalib with freed memory kept, as bench's runner does."
+            if args.anomalib_keep_freed
+            else "."
+        ),
         "",
         "| method (backbone, epochs) | bench wall (s) | anomalib wall (s) | wall ratio "
         "(range) | bench CPU (s) | anomalib CPU (s) | bench peak RSS (MiB) "
@@ -345,6 +353,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="both sides")
     parser.add_argument("--anomalib-visualizer", action="store_true")
+    parser.add_argument(
+        "--anomalib-keep-freed",
+        action="store_true",
+        help="run anomalib with glibc set as bench's runner sets it (freed memory kept in the "
+        "process: MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ at its maximum), to see how much "
+        "of the ratio is that setting",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     args = parser.parse_args()
