@@ -451,8 +451,7 @@ class CFlow(Method):
                 )
             perm = torch.randperm(count, generator=generator).to(self.device)
             jobs.append((decoder, optimizer, x, perm))
-        independent = len(set(map(id, optimizers))) == len(optimizers)
-        if independent and self.device.type == "cpu":
+        if s.zero_grad_to_none and self.device.type == "cpu":  # an Adam each: independent
             results = map_parts(self._train_decoder, jobs)
         else:
             results = [self._train_decoder(job) for job in jobs]
