@@ -46,6 +46,7 @@ from bench.features import CachedFeatures
 from bench.methods.base import MethodContext
 from bench.methods.csflow import CsFlow
 from bench.registry import DATASETS
+from bench.runner.heap import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comparison_data import subset_folder  # noqa: E402
@@ -110,6 +111,7 @@ ANOMALIB_SCRIPT = textwrap.dedent(
 def run_bench(args: argparse.Namespace, root: Path) -> dict:
     """bench's CS-Flow: fit (extraction + training), test (extraction + predict)."""
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as `bench run` does while cells run
     dataset = DATASETS.get("mvtec")(root)
     train, test = dataset.train(args.category), dataset.test(args.category)
     settings = dataclasses.replace(

@@ -46,6 +46,7 @@ from bench.features import CachedFeatures
 from bench.methods.base import MethodContext
 from bench.methods.uflow import UFlow, port_reference_state
 from bench.registry import DATASETS
+from bench.runner.heap import retain_freed_memory
 
 REFERENCE = "anomalib"
 BACKBONE_PREFIX = "feature_extractor.feature_extractor."
@@ -248,6 +249,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as `bench run` does while cells run
     device = torch.device(args.device)
     root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)
     init = root / "init.pt"

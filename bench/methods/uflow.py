@@ -156,7 +156,10 @@ def _run_stage(
     """One stage on rows ``x`` (B*H*W, C); its output comes split into ``sizes`` channels."""
     c = x.shape[1]
     c1 = c - c // 2
-    x1, x2 = x[:, :c1].contiguous(), x[:, c1:]
+    # split, not slicing: its backward is one concatenation, where each slice's would fill
+    # a zero (B*H*W, C) gradient first
+    x1, x2 = x.split((c1, c - c1), dim=1)
+    x1 = x1.contiguous()
     log_det: Tensor | int = 0
     steps = stage.module_list
     outputs: list[Tensor] = []
@@ -207,10 +210,9 @@ class _StepTail(torch.autograd.Function):
         e = torch.exp(th * clamp)
         y2 = torch.addcmul(a[:, c2:] * 0.1, x2, e)
         g = 0.1 * F.softplus(raw_scale, beta=0.5)
-        ug = torch.empty(rows, c1 + c2, dtype=x1.dtype, device=x1.device)
-        torch.addcmul(offset[:c1], x1, g[:c1], out=ug[:, :c1])
-        torch.addcmul(offset[c1:], y2, g[c1:], out=ug[:, c1:])
-        outputs = [ug.gather(1, index.expand(rows, -1)) for index in perm.split(sizes)]
+        ug = torch.cat((x1, y2), 1)
+        torch.addcmul(offset, ug, g, out=ug)
+        outputs = [ug.index_select(1, index) for index in perm.split(sizes)]
         log_det = th.view(batch, -1).sum(1) * clamp + (rows // batch) * torch.log(g).sum()
         ctx.save_for_backward(x1, y2, th, e, x2, g, raw_scale, perm)
         ctx.clamp, ctx.batch, ctx.sizes = clamp, batch, sizes
