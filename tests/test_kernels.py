@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from torch import nn
+from torch import Tensor, nn
 
 from bench import kernels
 from bench.errors import BenchError
@@ -136,3 +136,27 @@ def test_flop_counts_do_not_depend_on_the_path(backend: str) -> None:
     assert count_flops(lambda: mlp(x)) == expected
     assert count_flops(lambda: FrozenReluMlp(mlp)(x)) == expected
     assert count_flops(lambda: mlp.double()(x.double())) == expected
+
+
+def test_snapshot_is_rebuilt_only_when_the_weights_change() -> None:
+    layer = nn.Linear(3, 2)
+    builds: list[Tensor] = []
+
+    def build(module: nn.Module) -> Tensor:
+        builds.append(module.weight.detach().clone())
+        return builds[-1]
+
+    snapshot = kernels.Snapshot(build)
+    first = snapshot.get(layer)
+    assert snapshot.get(layer) is first and len(builds) == 1
+    layer.load_state_dict({"weight": torch.ones(2, 3), "bias": torch.zeros(2)})
+    assert torch.equal(snapshot.get(layer), torch.ones(2, 3)) and len(builds) == 2
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert torch.equal(snapshot.get(layer), torch.full((2, 3), 2.0)) and len(builds) == 3
+    # a fused optimiser step moves the weights without a version bump: hence ``drop``
+    layer.weight.grad, layer.bias.grad = torch.ones(2, 3), torch.ones(2)
+    torch.optim.Adam(layer.parameters(), lr=0.5, fused=True).step()
+    assert snapshot.get(layer) is builds[-1] and len(builds) == 3
+    snapshot.drop()
+    assert torch.equal(snapshot.get(layer), layer.weight.detach()) and len(builds) == 4

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.features import FeatureSource
-from bench.kernels import FrozenReluMlp, constant_linear, map_parts, weights_key
+from bench.kernels import FrozenReluMlp, Snapshot, constant_linear, map_parts
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
 
 if TYPE_CHECKING:
@@ -259,6 +259,11 @@ class RandomRotation:
         return rotate(image, angle, interpolation=InterpolationMode.NEAREST, expand=False, fill=0)
 
 
+def _freeze_decoders(model: CFlowModel) -> list[FrozenDecoder]:
+    """Scoring snapshots of the decoders, one per pool layer."""
+    return [FrozenDecoder(decoder) for decoder in model.decoders]
+
+
 @register_method("cflow")
 class CFlow(Method):
     """CFLOW-AD with the authors' (``original``) or anomalib's (``anomalib``) behaviour.
@@ -301,7 +306,8 @@ class CFlow(Method):
         channels = [context.channels[layer] for layer in self.layers]
         self._model = CFlowModel(channels, settings, context.seed).to(self.device)
         self._conditions = _ConditionCache(settings.condition_vector)
-        self._frozen: tuple[tuple, list[FrozenDecoder]] | None = None
+        # packing wide_resnet50_2's decoders takes about 30 ms, too much per call
+        self._scoring = Snapshot(_freeze_decoders)
         self.history: list[float] = []
 
     # ---- what the runner asks before building anything -------------------------------
@@ -378,7 +384,7 @@ class CFlow(Method):
                 "lower cflow.batch_size or set cflow.drop_last=false"
             )
         steps_per_epoch = batches * s.sub_epochs
-        self._frozen = None  # fused Adam steps leave the version counters unchanged
+        self._scoring.drop()  # fused Adam steps leave the version counters unchanged
         self._model.train()
         for epoch in range(s.epochs):
             total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -405,7 +411,7 @@ class CFlow(Method):
             bar.set_postfix(loss=f"{self.history[-1]:.4f}")
             bar.close()
             self.epoch_done(epoch + 1)
-            self._frozen = None  # an evaluation may have built it from this epoch's weights
+            self._scoring.drop()  # an evaluation may have built it from this epoch's weights
         self._model.eval()
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -497,7 +503,7 @@ class CFlow(Method):
         self._model.eval()
         out: dict[str, Tensor] = {}
         chunk = self.settings.eval_chunk or self.settings.fiber_batch
-        for frozen, layer in zip(self._frozen_decoders(), self.layers, strict=True):
+        for frozen, layer in zip(self._scoring.get(self._model), self.layers, strict=True):
             x = features[layer].to(self.device, torch.float32)
             b, c, h, w = x.shape
             count = b * h * w
@@ -510,14 +516,6 @@ class CFlow(Method):
                 values[start:stop] = log_likelihood(z, log_det, c) / c
             out[layer] = values.reshape(b, h, w)
         return out
-
-    def _frozen_decoders(self) -> list[FrozenDecoder]:
-        """Scoring snapshots of the decoders, kept while the weights stay as they are
-        (packing wide_resnet50_2's decoders takes about 30 ms, too much per call)."""
-        key = weights_key(self._model)
-        if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, [FrozenDecoder(d) for d in self._model.decoders])
-        return self._frozen[1]
 
     def _score(self, likelihoods: dict[str, Tensor], maxima: dict[str, Tensor]) -> Tensor:
         """Sum over layers of exp(l - max l), bilinearly upsampled (align_corners=True)."""

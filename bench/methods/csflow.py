@@ -72,7 +72,7 @@ from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import FeatureSource
-from bench.kernels import backward_in_parts, weights_key
+from bench.kernels import Snapshot, backward_in_parts
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
 
 SCALES = 3
@@ -395,7 +395,7 @@ class CsFlow(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             self._model = CsFlowModel(channels, settings).to(self.device)
-        self._frozen: tuple[tuple, FrozenCsFlow] | None = None
+        self._scoring = Snapshot(FrozenCsFlow)
         self.history: list[float] = []
 
     # ---- what the runner asks before building anything -------------------------------
@@ -457,7 +457,7 @@ class CsFlow(Method):
             fused=self.device.type in ("cpu", "cuda"),
         )
         generator = torch.Generator().manual_seed(self.context.seed)
-        self._frozen = None  # fused Adam steps leave the version counters unchanged
+        self._scoring.drop()  # fused Adam steps leave the version counters unchanged
         bar = tqdm(range(s.epochs), desc="csflow", unit="epoch", disable=not self.context.progress)
         for epoch in bar:
             total = torch.zeros((), device=self.device)
@@ -478,18 +478,12 @@ class CsFlow(Method):
             self.history.append(float(total) / max(count, 1))
             bar.set_postfix(loss=f"{self.history[-1]:.4g}")
             self.epoch_done(epoch + 1)
-            self._frozen = None  # an evaluation may have built it from this epoch's weights
+            self._scoring.drop()  # an evaluation may have built it from this epoch's weights
         model.eval()
-
-    def _snapshot(self) -> FrozenCsFlow:
-        key = weights_key(self._model)
-        if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, FrozenCsFlow(self._model))
-        return self._frozen[1]
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        latents = self._snapshot()(self._features(features, torch.channels_last))
+        latents = self._scoring.get(self._model)(self._features(features, torch.channels_last))
         maps = anomaly_maps(latents, self.context.output_size, self.settings.anomaly_map)
         return image_scores(latents), maps
 

@@ -26,7 +26,7 @@ from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import CPU_MICRO_BATCH, FeatureSource
-from bench.kernels import backward_in_parts, weights_key
+from bench.kernels import Snapshot, backward_in_parts
 from bench.methods.base import Method, MethodContext, register_method, register_variant
 
 CLAMP = 2.0
@@ -366,7 +366,7 @@ class FastFlow(Method):
         super().__init__(settings, context)
         self.layers = self.needs(context.backbone, settings)
         self.history: list[float] = []
-        self._frozen: tuple[tuple, FrozenFlows] | None = None
+        self._scoring = Snapshot(FrozenFlows)
         generator = torch.Generator().manual_seed(context.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
@@ -427,7 +427,7 @@ class FastFlow(Method):
                 f"fastflow: {len(train)} training images give no full batch of {s.batch_size}; "
                 "lower fastflow.batch_size or set fastflow.drop_last=false"
             )
-        self._frozen = None  # fused Adam steps leave the version counters unchanged
+        self._scoring.drop()  # fused Adam steps leave the version counters unchanged
         best, stale = math.inf, 0
         bar = tqdm(
             range(s.epochs), desc="fastflow", unit="epoch", disable=not self.context.progress
@@ -451,7 +451,7 @@ class FastFlow(Method):
             self.history.append(epoch_loss)
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
             self.epoch_done(epoch + 1)
-            self._frozen = None  # an evaluation may have built it from this epoch's weights
+            self._scoring.drop()  # an evaluation may have built it from this epoch's weights
             if s.early_stop_patience > 0:
                 if epoch_loss < best - s.early_stop_min_delta:
                     best, stale = epoch_loss, 0
@@ -468,7 +468,7 @@ class FastFlow(Method):
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        flows = self._frozen_flows()
+        flows = self._scoring.get(self._model.eval())
         inputs = [features[k].to(self.device) for k in self.layers]
         # An image's map does not depend on the others in its batch. On the CPU the flows run
         # on cache-sized parts: resnet18 at 256 on 2 cores, 58 ms an image in 32s, 46 in 8s.
@@ -480,13 +480,6 @@ class FastFlow(Method):
             ]
         )
         return maps.amax(dim=(1, 2)), maps
-
-    def _frozen_flows(self) -> FrozenFlows:
-        """The scoring snapshot, kept while the weights stay as they are."""
-        key = weights_key(self._model)
-        if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, FrozenFlows(self._model.eval()))
-        return self._frozen[1]
 
 
 register_variant("fastflow-3x3", FastFlow, conv3x3_only=True)

@@ -65,7 +65,7 @@ from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import FeatureSource
-from bench.kernels import weights_key
+from bench.kernels import Snapshot
 from bench.methods.base import Method, MethodContext, register_method
 from bench.methods.cflow import positional_encoding_2d
 from bench.methods.fastflow import FlowStep
@@ -672,7 +672,7 @@ class MSFlow(Method):
                 generator,
             )
         self._model = model.to(self.device, memory_format=torch.channels_last)
-        self._frozen: tuple[tuple, FrozenMSFlow] | None = None
+        self._scoring = Snapshot(FrozenMSFlow)
 
     @property
     def model(self) -> nn.Module:
@@ -715,7 +715,7 @@ class MSFlow(Method):
         # The fused kernel is the same Adam update in one pass over memory.
         optimizer = torch.optim.Adam(params, lr=s.lr, fused=self.device.type in ("cpu", "cuda"))
         schedules = lr_schedulers(optimizer, s)
-        self._frozen = None  # fused Adam steps leave the version counters unchanged
+        self._scoring.drop()  # fused Adam steps leave the version counters unchanged
         generator = torch.Generator().manual_seed(self.context.seed)
         bar = tqdm(range(s.epochs), desc="msflow", unit="epoch", disable=not self.context.progress)
         for epoch in bar:
@@ -737,19 +737,12 @@ class MSFlow(Method):
             self.history.append(float(total) / max(count, 1))
             bar.set_postfix(loss=f"{self.history[-1]:.4g}")
             self.epoch_done(epoch + 1)
-            self._frozen = None  # an evaluation may have built it from this epoch's weights
+            self._scoring.drop()  # an evaluation may have built it from this epoch's weights
         model.eval()
-
-    def frozen(self) -> FrozenMSFlow:
-        """The scoring snapshot, rebuilt when the weights change."""
-        key = weights_key(self._model)
-        if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, FrozenMSFlow(self._model.eval()))
-        return self._frozen[1]
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        log_ps = self.frozen()(self._pooled(features))
+        log_ps = self._scoring.get(self._model.eval())(self._pooled(features))
         add, mul = anomaly_maps(log_ps, self.context.output_size)
         scores = top_k_score(mul, self.top_k)
         return scores, add if self.settings.map_aggregation == "add" else mul
