@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -439,3 +441,18 @@ def test_decoders_train_at_once_as_one_thread_trains_them_in_turn(
     assert where_together == ({True} if reference == "anomalib" else {False})
     assert history == history_together
     assert all(torch.equal(alone[k], together[k]) for k in alone)
+
+
+def test_building_and_training_a_decoder_imports_neither_freia_nor_scipy() -> None:
+    """The decoder is FrEIA's maths written out: a CFLOW-AD run pays no FrEIA import (and
+    no scipy.stats, which FrEIA imports)."""
+    code = (
+        "import sys, torch\n"
+        "from bench.methods.cflow_decoder import build_decoder\n"
+        "d = build_decoder(8, 2, 4, 1.9, True, torch.Generator().manual_seed(0))\n"
+        "z, log_det = d(torch.randn(3, 8), [torch.randn(3, 4)])\n"
+        "log_det.sum().backward()\n"
+        "print(sorted(m for m in ('FrEIA', 'scipy.stats') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -24,11 +24,7 @@ from bench.errors import BenchError
 from bench.features import FeatureSource
 from bench.kernels import FrozenReluMlp, Snapshot, constant_linear, map_parts
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
-
-if TYPE_CHECKING:
-    from FrEIA.framework import SequenceINN
-
-    from bench.methods.cflow_decoder import CouplingBlock
+from bench.methods.cflow_decoder import CouplingBlock, Decoder, build_decoder
 
 POOL_LAYERS = ("layer2", "layer3", "layer4")
 LOG_SQRT_2PI = -0.9189385332046727  # ln(1 / sqrt(2 pi))
@@ -120,9 +116,6 @@ class CFlowModel(nn.Module):
 
     def __init__(self, channels: list[int], settings: CFlowSettings, seed: int) -> None:
         super().__init__()
-        # FrEIA (and the scipy.stats it imports, 1 s) loads only when a decoder is built.
-        from bench.methods.cflow_decoder import build_decoder
-
         generator = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -163,7 +156,7 @@ class FrozenDecoder:
     Values agree with ``CouplingBlock.forward`` to about 1e-6. It snapshots the weights.
     """
 
-    def __init__(self, decoder: SequenceINN) -> None:
+    def __init__(self, decoder: Decoder) -> None:
         first = decoder.module_list[0]
         self.split, half = first.splits
         # 0.1 on the shift half; 0.2 = 2 x 0.1 on the scale half, for the sigmoid form of tanh

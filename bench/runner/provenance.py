@@ -17,7 +17,7 @@ from typing import Any
 from bench.runner.config import RunConfig
 
 RUN_JSON = "run.json"
-PACKAGES = ("flowad-bench", "torch", "torchvision", "timm", "FrEIA", "numpy", "scikit-learn")
+PACKAGES = ("flowad-bench", "torch", "torchvision", "timm", "numpy", "scikit-learn")
 
 
 def _git_revision() -> str | None:
