@@ -11,7 +11,6 @@ decoders), and importing FrEIA imports scipy.stats (0.45 s).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from bench.kernels import ReluMlp, constant_linear, permute_columns
-
-# FrEIA's SOFTPLUS initial value for a global affine scale of 1: 2 ln(exp(0.5 * 10) - 1)
-SOFTPLUS_INIT = 2.0 * math.log(math.exp(5.0) - 1.0)
+from bench.methods.fastflow import SOFTPLUS_INIT, softplus_scale
 
 
 def random_rotation(channels: int, generator: torch.Generator) -> Tensor:
@@ -75,7 +72,7 @@ class CouplingBlock(nn.Module):
 
     def global_scale_activation(self, raw: Tensor) -> Tensor:
         """g = 0.1 softplus(raw) with beta 0.5 (FrEIA's SOFTPLUS global affine)."""
-        return 0.1 * F.softplus(raw, beta=0.5)
+        return softplus_scale(raw)
 
     def refresh_permutation(self) -> None:
         """Derive the gather indices from ``w_perm`` (None when it is a dense rotation)."""

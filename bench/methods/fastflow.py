@@ -30,6 +30,15 @@ from bench.kernels import Snapshot, backward_in_parts
 from bench.methods.base import Method, MethodContext, register_method, register_variant
 
 CLAMP = 2.0
+# FrEIA's SOFTPLUS global affine: g = 0.1 softplus_0.5(raw), starting at g = 1 from
+# raw = 2 ln(exp(0.5 * 10 * 1) - 1)
+SOFTPLUS_INIT = 2.0 * math.log(math.exp(5.0) - 1.0)
+
+
+def softplus_scale(raw: Tensor) -> Tensor:
+    """The global affine scale g from its raw parameter, as FrEIA's SOFTPLUS type has it."""
+    return 0.1 * F.softplus(raw, beta=0.5)
+
 
 # FF-REF's configs/*.yaml per backbone: (input, steps, hidden_ratio, conv3x3_only).
 _ORIGINAL = {
@@ -81,9 +90,7 @@ class FlowStep(nn.Module):
         super().__init__()
         self.splits = (channels - channels // 2, channels // 2)
         self.clamp = clamp
-        # FrEIA: global_scale = 2 * ln(exp(0.5 * 10 * init) - 1) with init = 1, so g starts at 1.
-        init = 2.0 * math.log(math.exp(5.0) - 1.0)
-        self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), init))
+        self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), SOFTPLUS_INIT))
         self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
         one_hot = F.one_hot(permutation.cpu(), channels).float().to(self.global_scale.device)
         self.w_perm = nn.Parameter(one_hot.view(channels, channels, 1, 1), requires_grad=False)
@@ -96,7 +103,7 @@ class FlowStep(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_permutation)
 
     def scale(self) -> Tensor:
-        return 0.1 * F.softplus(self.global_scale, beta=0.5)
+        return softplus_scale(self.global_scale)
 
     def _coupling(self, x1: Tensor) -> tuple[Tensor, Tensor]:
         a = self.subnet(x1)

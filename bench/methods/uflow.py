@@ -33,7 +33,7 @@ from bench.extractor import backbone_spec
 from bench.features import FeatureSource
 from bench.methods import uflow_nfa
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
-from bench.methods.fastflow import Flow, FlowStep, subnet
+from bench.methods.fastflow import Flow, FlowStep, softplus_scale, subnet
 
 MCAIT_LAYERS = ["cait_m48_448.blocks.40", "cait_s24_224.blocks.20"]
 CNN_LAYERS = ["layer1", "layer2", "layer3"]
@@ -209,7 +209,7 @@ class _StepTail(torch.autograd.Function):
         th = torch.sigmoid(a[:, :c2] * 0.2).mul_(2).sub_(1)
         e = torch.exp(th * clamp)
         y2 = torch.addcmul(a[:, c2:] * 0.1, x2, e)
-        g = 0.1 * F.softplus(raw_scale, beta=0.5)
+        g = softplus_scale(raw_scale)
         ug = torch.cat((x1, y2), 1)
         torch.addcmul(offset, ug, g, out=ug)
         outputs = [ug.index_select(1, index) for index in perm.split(sizes)]
