@@ -7,6 +7,7 @@ the same cell gives every method identical input.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from bench.datasets import png
 from bench.datasets.base import Sample
 from bench.errors import BenchError
 
@@ -60,26 +62,33 @@ class Preprocess:
         return text
 
 
+def _decode_file(path: Path) -> Image.Image:
+    """The file's pixels, in the mode PIL opens it with (8-bit PNGs through libspng)."""
+    data = Path(path).read_bytes()
+    image = png.decode(data)
+    if image is None:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    return image
+
+
 def read_image(source: Path | np.ndarray) -> Image.Image:
     """An RGB PIL image; grayscale files become three identical channels."""
     if isinstance(source, np.ndarray):
         return Image.fromarray(source).convert("RGB")
     try:
-        with Image.open(source) as img:
-            img.load()
-            return img.convert("RGB")
+        image = _decode_file(source)
     except FileNotFoundError as exc:
         raise BenchError(f"{source}: image file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BenchError(f"{source}: unreadable image ({exc}); replace or remove the file") from exc
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def read_mask(path: Path, expected_size: tuple[int, int]) -> np.ndarray:
     """A binary (H, W) uint8 mask at native resolution; its size must match the image."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("L"))
+        array = np.asarray(_decode_file(path).convert("L"))
     except FileNotFoundError as exc:
         raise BenchError(f"{path}: mask file not found") from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
