@@ -16,7 +16,6 @@ from bench.methods.csflow import (
     CsFlow,
     CsFlowModel,
     CsFlowSettings,
-    FrozenCsFlow,
     anomaly_maps,
     block_permutations,
     count_trainable,
@@ -265,20 +264,22 @@ def test_fit_and_predict(reference: str) -> None:
     assert far.min() > scores.max()
 
 
-def test_frozen_snapshot_scores_as_the_flow_does() -> None:
-    model = perturbed_flow(dtype=torch.float32).eval()
+def test_scoring_is_the_training_forward_pass_bit_for_bit() -> None:
+    """predict_batch scores with the flow's own forward pass (no separate scoring copy)."""
+    method = CsFlow(tiny_settings(), context())
     with torch.no_grad():
-        for block in model.blocks:
-            for net in (block.net1, block.net2):
-                for p in net.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-        expected, _ = model(inputs(3, dtype=torch.float32))
-    latents = FrozenCsFlow(model)(inputs(3, dtype=torch.float32))
-    for ours, theirs in zip(latents, expected, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        for p in method.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    features = next(random_features(3).batches(3))
+    scores, maps = method.predict_batch(features)
+    with torch.no_grad():
+        latents, _ = method.model([features[k].contiguous() for k in method.layers])
+    assert torch.equal(scores, image_scores(latents))
+    expected = anomaly_maps(latents, method.context.output_size, method.settings.anomaly_map)
+    assert torch.equal(maps, expected)
 
 
-def test_scoring_snapshot_follows_weight_changes() -> None:
+def test_scores_follow_weight_changes() -> None:
     method = CsFlow(tiny_settings(), context())
     features = next(random_features(2).batches(2))
     before, _ = method.predict_batch(features)

@@ -51,10 +51,10 @@ Differences from the references, accepted:
 - Other CNN backbones read ``layer4`` (stride 32, the paper's feature stride) unless
   ``csflow.layer`` says otherwise; the input must make the three maps halve exactly.
 
-Speed, same mathematics: training runs in the default (NCHW) layout, which measured
-about 10% faster than channels-last for its backward pass; scoring uses a channels-last
-snapshot with each gamma folded into its convolutions and no log-determinant
-(``FrozenCsFlow``), which keeps single images off PyTorch's slow small-convolution path.
+Speed: training and scoring run the same forward pass in the default (NCHW) layout, which
+measured about 10% faster than channels-last for the backward pass, and as fast as or
+faster than a scoring copy with channels-last weights and each gamma folded into its
+convolutions (35-40% slower at 256 px on an Intel Xeon; ``docs/cpu_speed.md``).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ from bench.datasets.pipeline import Preprocess
 from bench.errors import BenchError
 from bench.extractor import backbone_spec
 from bench.features import FeatureSource
-from bench.kernels import Snapshot, backward_in_parts
+from bench.kernels import backward_in_parts
 from bench.methods.base import REFERENCES, Method, MethodContext, register_method
 
 SCALES = 3
@@ -299,77 +299,6 @@ def anomaly_maps(latents: list[Tensor], output_size: tuple[int, int], how: str) 
     return total[:, 0]
 
 
-class FrozenCsFlow:
-    """A scoring snapshot of ``CsFlowModel``: the same forward pass without the
-    log-determinant, with each gamma folded into the convolutions it scales, in
-    channels-last layout. Later weight changes do not reach it."""
-
-    def __init__(self, model: CsFlowModel) -> None:
-        self.blocks = [
-            (
-                block.perm,
-                block.split,
-                block.clamp,
-                _FrozenSubnet(block.net1),
-                _FrozenSubnet(block.net2),
-            )
-            for block in model.blocks
-        ]
-
-    @torch.no_grad()
-    def __call__(self, features: list[Tensor]) -> list[Tensor]:
-        x = [v.contiguous(memory_format=torch.channels_last) for v in features]
-        for perm, (c1, c2), clamp, net1, net2 in self.blocks:
-            x = [v.index_select(1, p) for v, p in zip(x, perm, strict=True)]
-            x2 = [v[:, c1:] for v in x]
-            r1 = net1(x2)
-            y1 = [
-                torch.exp(soft_log_scale(r[:, :c1], clamp)).mul_(v[:, :c1]).add_(r[:, c1:])
-                for v, r in zip(x, r1, strict=True)
-            ]
-            r2 = net2(y1)
-            y2 = [
-                torch.exp(soft_log_scale(r[:, :c2], clamp)).mul_(v).add_(r[:, c2:])
-                for v, r in zip(x2, r2, strict=True)
-            ]
-            x = [
-                torch.cat((a, b), 1).clamp_(-OUTPUT_LIMIT, OUTPUT_LIMIT)
-                for a, b in zip(y1, y2, strict=True)
-            ]
-        return x
-
-
-class _FrozenSubnet:
-    """``CrossScaleSubnet`` with gamma_s multiplied into every convolution feeding out_s."""
-
-    def __init__(self, net: CrossScaleSubnet) -> None:
-        gamma = net.gamma.detach()
-
-        def plain(conv: nn.Conv2d, scale: Tensor | None = None) -> tuple:
-            weight, bias = conv.weight.detach(), conv.bias.detach()
-            if scale is not None:
-                weight, bias = weight * scale, bias * scale
-            weight = weight.contiguous(memory_format=torch.channels_last)
-            return weight, bias.clone(), conv.stride, conv.padding
-
-        self.entry = [plain(c) for c in net.entry]
-        self.exit = [plain(c, gamma[s]) for s, c in enumerate(net.exit)]
-        self.up = [plain(c, gamma[s]) for s, c in enumerate(net.up)]
-        self.down = [plain(c, gamma[s + 1]) for s, c in enumerate(net.down)]
-
-    def __call__(self, x: list[Tensor]) -> list[Tensor]:
-        h = [F.leaky_relu_(_conv(v, *c), 0.1) for c, v in zip(self.entry, x, strict=True)]
-        out = [_conv(v, *c) for c, v in zip(self.exit, h, strict=True)]
-        for s in range(SCALES - 1):
-            out[s + 1] += _conv(h[s], *self.down[s])
-            out[s] += _conv(_double(h[s + 1]), *self.up[s])
-        return out
-
-
-def _conv(x: Tensor, weight: Tensor, bias: Tensor, stride: tuple, padding: tuple) -> Tensor:
-    return F.conv2d(x, weight, bias, stride, padding)
-
-
 @register_method("csflow")
 class CsFlow(Method):
     """CS-Flow with the authors' (``original``) or anomalib's (``anomalib``) behaviour."""
@@ -395,7 +324,6 @@ class CsFlow(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(context.seed)
             self._model = CsFlowModel(channels, settings).to(self.device)
-        self._scoring = Snapshot(FrozenCsFlow)
         self.history: list[float] = []
 
     # ---- what the runner asks before building anything -------------------------------
@@ -435,11 +363,10 @@ class CsFlow(Method):
     def model(self) -> nn.Module:
         return self._model
 
-    def _features(
-        self, batch: dict[str, Tensor], layout: torch.memory_format = torch.contiguous_format
-    ) -> list[Tensor]:
+    def _features(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """The batch's maps as NCHW float32 (the cache holds them channels-last)."""
         return [
-            batch[layer].to(self.device, torch.float32, memory_format=layout)
+            batch[layer].to(self.device, torch.float32, memory_format=torch.contiguous_format)
             for layer in self.layers
         ]
 
@@ -457,7 +384,6 @@ class CsFlow(Method):
             fused=self.device.type in ("cpu", "cuda"),
         )
         generator = torch.Generator().manual_seed(self.context.seed)
-        self._scoring.drop()  # fused Adam steps leave the version counters unchanged
         bar = tqdm(range(s.epochs), desc="csflow", unit="epoch", disable=not self.context.progress)
         for epoch in bar:
             total = torch.zeros((), device=self.device)
@@ -478,12 +404,11 @@ class CsFlow(Method):
             self.history.append(float(total) / max(count, 1))
             bar.set_postfix(loss=f"{self.history[-1]:.4g}")
             self.epoch_done(epoch + 1)
-            self._scoring.drop()  # an evaluation may have built it from this epoch's weights
         model.eval()
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        latents = self._scoring.get(self._model)(self._features(features, torch.channels_last))
+        latents, _ = self._model(self._features(features))
         maps = anomaly_maps(latents, self.context.output_size, self.settings.anomaly_map)
         return image_scores(latents), maps
 
