@@ -52,9 +52,9 @@ Differences from the references, accepted:
   ``csflow.layer`` says otherwise; the input must make the three maps halve exactly.
 
 Speed: training and scoring run the same forward pass in the default (NCHW) layout, which
-measured about 10% faster than channels-last for the backward pass, and as fast as or
-faster than a scoring copy with channels-last weights and each gamma folded into its
-convolutions (35-40% slower at 256 px on an Intel Xeon; ``docs/cpu_speed.md``).
+measured about 10% faster than channels-last for the backward pass. A scoring copy with
+channels-last weights and each gamma folded into its convolutions was 35-40% slower at
+256 px on an Intel Xeon and within 3% at 768 px, so there is none (``docs/cpu_speed.md``).
 """
 
 from __future__ import annotations
