@@ -88,6 +88,7 @@ def test_run_writes_rows_tables_and_resumes(data_root, tmp_path, monkeypatch, ca
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["command"].startswith("bench run --methods padim")
     assert run_json["versions"]["torch"] and run_json["hardware"]["cpu_count"]
+    assert run_json["versions"]["pillow"]  # it resizes every image
     hardware = run_json["hardware"]
     assert hardware["cpu_workers"] == (2 if hardware["torch_threads"] >= 2 else 1)
     assert hardware["linear_backend"] in ("onednn", "default") and "cpu_vendor" in hardware

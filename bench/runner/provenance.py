@@ -17,7 +17,9 @@ from typing import Any
 from bench.runner.config import RunConfig
 
 RUN_JSON = "run.json"
-PACKAGES = ("flowad-bench", "torch", "torchvision", "timm", "numpy", "scikit-learn")
+# Pillow resizes every image (its filters set the pixel values); libspng decodes PNGs
+# bit for bit as PIL does, so pyspng does not change a result and is not listed.
+PACKAGES = ("flowad-bench", "torch", "torchvision", "timm", "numpy", "scikit-learn", "pillow")
 
 
 def _git_revision() -> str | None:
