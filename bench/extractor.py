@@ -433,12 +433,12 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        self.model.eval()
         if self.spec.parts:
             return self._parts_forward(images)
         if self.spec.kind != "cnn":
+            self.model.eval()
             return self._vit_forward(images)
-        model = self._cnn_for_inference()
+        model = self._cnn_for_inference()  # an eval-mode copy whatever self.model's mode
         height, width = images.shape[-2:]
         out: dict[str, Tensor] = {}
         for divisor in sorted({divisor for _, divisor in self._scaled}):

@@ -160,3 +160,27 @@ def test_snapshot_is_rebuilt_only_when_the_weights_change() -> None:
     assert snapshot.get(layer) is builds[-1] and len(builds) == 3
     snapshot.drop()
     assert torch.equal(snapshot.get(layer), layer.weight.detach()) and len(builds) == 4
+
+
+def test_weights_key_sees_every_way_the_weights_change() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    model.register_buffer("perm", torch.arange(2))
+    key = kernels.weights_key(model)
+    assert kernels.weights_key(model) == key
+    changes = [
+        lambda: setattr(model[0], "weight", nn.Parameter(torch.ones(2, 3))),
+        lambda: setattr(model, "perm", torch.tensor([1, 0])),
+        lambda: model.__setitem__(1, nn.LayerNorm(2)),
+        lambda: model[1].bias.data.add_(1),  # untracked: no key change
+        lambda: model.double(),
+        lambda: model.load_state_dict(model.state_dict()),
+    ]
+    seen = [key]
+    for change in changes:
+        change()
+        seen.append(kernels.weights_key(model))
+    distinct = [a != b for a, b in zip(seen, seen[1:], strict=False)]
+    assert distinct == [True, True, True, False, True, True]
+    # another module's registrations leave this key as it was
+    nn.Linear(4, 4)
+    assert kernels.weights_key(model) == seen[-1]

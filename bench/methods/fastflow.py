@@ -475,7 +475,9 @@ class FastFlow(Method):
 
     @torch.no_grad()
     def predict_batch(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        flows = self._scoring.get(self._model.eval())
+        if self._model.training:  # eval() walks all 132 modules: 0.23 ms of a 46 ms batch of 1
+            self._model.eval()
+        flows = self._scoring.get(self._model)
         inputs = [features[k].to(self.device) for k in self.layers]
         # An image's map does not depend on the others in its batch. On the CPU the flows run
         # on cache-sized parts: resnet18 at 256 on 2 cores, 58 ms an image in 32s, 46 in 8s.
