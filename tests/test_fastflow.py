@@ -76,6 +76,42 @@ def test_flow_equals_freia_all_in_one_block(conv3x3_only: bool) -> None:
     torch.testing.assert_close(jr, jr_ref, rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("conv3x3_only", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_training_step_gradients_are_autographs_bit_for_bit(
+    conv3x3_only: bool, layout: torch.memory_format
+) -> None:
+    """Training runs each step as one autograd node; its values and gradients must be those
+    of the step's separate operations, to the last bit (cached features are channels-last)."""
+    torch.manual_seed(0)
+    model = FastFlowModel([(8, 12, 12), (17, 6, 6)], 4, 1.0, conv3x3_only, True)
+    _perturb(model)
+    features = [torch.randn(3, 8, 12, 12), torch.randn(3, 17, 6, 6)]
+    features = [f.contiguous(memory_format=layout) for f in features]
+
+    def loss_and_grads(graph: bool) -> tuple[Tensor, list[Tensor]]:
+        model.zero_grad(set_to_none=True)
+        steps = [step for flow in model.flows for step in flow.module_list]
+        forwards = [step.forward for step in steps]
+        if graph:
+            for step in steps:
+                step.forward = step.graph_forward
+        try:
+            loss = fastflow_loss(*model(features))
+        finally:
+            for step, forward in zip(steps, forwards, strict=True):
+                step.forward = forward
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    loss_graph, grads_graph = loss_and_grads(graph=True)
+    loss, grads = loss_and_grads(graph=False)
+    assert torch.equal(loss, loss_graph)
+    assert len(grads) == len(grads_graph) == 2 * 2 + 2 * 4 * 6  # LayerNorms, 8 steps
+    for grad, expected in zip(grads, grads_graph, strict=True):
+        assert torch.equal(grad, expected)
+
+
 def test_flow_is_invertible() -> None:
     torch.manual_seed(0)
     flow = build_flow(6, 6, 1.0, False, torch.Generator().manual_seed(0)).double()

@@ -6,7 +6,9 @@ and the same state-dict layout. The only change is how the permutation is applie
 index gather instead of FrEIA's convolution with a one-hot C x C matrix, which costs a
 matmul per step (more than a whole 1x1 subnet) and is not exact under TF32. The one-hot
 ``w_perm``/``w_perm_inv`` tensors are kept, non-trainable, so FrEIA, FF-REF and anomalib
-checkpoints load unchanged.
+checkpoints load unchanged. Training runs each step as one autograd node whose backward
+pass computes autograd's gradients bit for bit with fewer passes over memory (3-4% of a
+fit, ``docs/cpu_speed.md``).
 """
 
 from __future__ import annotations
@@ -112,6 +114,27 @@ class FlowStep(nn.Module):
         return self.clamp * torch.tanh(a[:, :c2]), a[:, c2:]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.is_grad_enabled() and _plain_subnet(self.subnet):
+            first, _, second = self.subnet
+            return _TrainingStep.apply(
+                x,
+                first.weight,
+                first.bias,
+                second.weight,
+                second.bias,
+                self.global_scale,
+                self.global_offset,
+                self.perm,
+                self.perm_inv,
+                self.splits,
+                self.clamp,
+                (first.padding, second.padding),
+            )
+        return self.graph_forward(x)
+
+    def graph_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward`` as separate autograd operations (the values and gradients that
+        training's single node reproduces, and the path for other subnets)."""
         x1, x2 = torch.split(x, self.splits, dim=1)
         s, t = self._coupling(x1)
         log_det = torch.sum(s, dim=(1, 2, 3))
@@ -133,6 +156,96 @@ class FlowStep(nn.Module):
         x = torch.cat((x1, (y2 - t) * torch.exp(-s)), 1)
         log_det = -torch.sum(s, dim=(1, 2, 3)) - z[0, :1].numel() * torch.sum(torch.log(g))
         return x, log_det
+
+
+def _plain_subnet(subnet: nn.Module) -> bool:
+    """True for ``subnet()``'s Conv -> ReLU -> Conv with stride 1 and zero padding."""
+    if not (isinstance(subnet, nn.Sequential) and len(subnet) == 3):
+        return False
+    first, relu, second = subnet
+    return (
+        type(relu) is nn.ReLU
+        and not relu.inplace
+        and all(
+            type(conv) is nn.Conv2d
+            and conv.bias is not None
+            and conv.stride == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)
+            for conv in (first, second)
+        )
+    )
+
+
+class _TrainingStep(torch.autograd.Function):
+    """``FlowStep.forward`` as one autograd node, for training.
+
+    The forward pass runs the same operations as ``FlowStep.forward``; the backward pass
+    runs the operations autograd runs for it (the same ATen kernels on the same tensors,
+    so the gradients are autograd's values), without the zero-filled buffers that autograd
+    builds for the slices, the gather and the split and then sums: the gather's gradient is
+    a gather through the inverse permutation and each half of a gradient is written once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, raw_scale, offset, perm, perm_inv, splits, clamp, pads):  # noqa: ANN001, ANN205
+        c2 = splits[1]
+        x1, x2 = torch.split(x, splits, dim=1)
+        hidden = torch.relu(F.conv2d(x1, w1, b1, padding=pads[0]))
+        a = F.conv2d(hidden, w2, b2, padding=pads[1])
+        a.mul_(0.1)
+        th = torch.tanh(a[:, :c2])
+        s = th * clamp
+        e = torch.exp(s)
+        y = torch.cat((x1, x2 * e + a[:, c2:]), 1)
+        g = 0.1 * F.softplus(raw_scale, beta=0.5)
+        y_perm, g_perm = y.index_select(1, perm), g.index_select(1, perm)
+        z = y_perm * g_perm
+        z.add_(offset.index_select(1, perm))
+        log_det = torch.sum(s, dim=(1, 2, 3)) + x[0, :1].numel() * torch.sum(torch.log(g))
+        ctx.save_for_backward(
+            x, w1, hidden, w2, th, e, y_perm, g, g_perm, raw_scale, perm, perm_inv
+        )
+        ctx.splits, ctx.clamp, ctx.pads = splits, clamp, pads
+        return z, log_det
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z, grad_log_det):  # noqa: ANN001, ANN205
+        x, w1, hidden, w2, th, e, y_perm, g, g_perm, raw_scale, perm, perm_inv = ctx.saved_tensors
+        (c1, c2), clamp, pads = ctx.splits, ctx.clamp, ctx.pads
+        x1, x2 = torch.split(x, ctx.splits, dim=1)
+        # z = y[perm] * g[perm] + o[perm]; log_det = sum(s) + HW * sum(log g)
+        grad_offset = torch.zeros_like(g).index_add_(1, perm, grad_z.sum([0, 2, 3], keepdim=True))
+        grad_g = torch.zeros_like(g).index_add_(
+            1, perm, (grad_z * y_perm).sum([0, 2, 3], keepdim=True)
+        )
+        grad_sum_log = grad_log_det.sum() * x[0, :1].numel()
+        grad_g = grad_g + grad_sum_log.expand(g.shape) / g
+        grad_raw = torch.ops.aten.softplus_backward(grad_g * 0.1, raw_scale, 0.5, 20.0)
+        grad_y = (grad_z * g_perm).index_select(1, perm_inv)
+        # y = (x1, x2 * e + t); e = exp(s); s = clamp * tanh(a_s); a = 0.1 * conv(...)
+        grad_y2 = grad_y[:, c1:]
+        grad_a = torch.empty((x.shape[0], 2 * c2, *x.shape[2:]), dtype=x.dtype, device=x.device)
+        grad_s = (grad_y2 * x2) * e + grad_log_det.view(-1, 1, 1, 1)
+        torch.ops.aten.tanh_backward.grad_input(grad_s * clamp, th, grad_input=grad_a[:, :c2])
+        grad_a[:, :c2].mul_(0.1)
+        torch.mul(grad_y2, 0.1, out=grad_a[:, c2:])
+        mask = [True, True, True]
+        grad_hidden, grad_w2, grad_b2 = torch.ops.aten.convolution_backward(
+            grad_a, hidden, w2, [w2.shape[0]], [1, 1], list(pads[1]), [1, 1], False, [0, 0], 1, mask
+        )
+        grad_pre = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0)
+        grad_x1, grad_w1, grad_b1 = torch.ops.aten.convolution_backward(
+            grad_pre, x1, w1, [w1.shape[0]], [1, 1], list(pads[0]), [1, 1], False, [0, 0], 1, mask
+        )
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+        torch.add(grad_x1, grad_y[:, :c1], out=grad_x[:, :c1])
+        torch.mul(grad_y2, e, out=grad_x[:, c1:])
+        return (grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_raw, grad_offset,
+                None, None, None, None, None)  # fmt: skip
 
 
 def _refresh_permutation(module: nn.Module, incompatible_keys: Any) -> None:
