@@ -23,17 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import torch
-from comparison_data import subset_folder, sync
+from comparison_data import run_anomalib_script, subset_folder, sync
 from sklearn.metrics import roc_auc_score
 
 from bench.datasets.pipeline import ImageSet, load_ground_truth
@@ -210,9 +207,6 @@ def run_anomalib(
 
     With ``init`` it first saves its freshly built model's state dict there.
     """
-    workdir = Path(tempfile.mkdtemp(prefix="cflow-anomalib-"))
-    script = workdir / "run_anomalib.py"
-    script.write_text(ANOMALIB_SCRIPT)
     cfg = {
         "root": str(root),
         "category": args.category,
@@ -226,20 +220,9 @@ def run_anomalib(
         "visualizer": args.anomalib_visualizer,
         "validation": args.anomalib_validation,
         "raw_scores": args.anomalib_raw_scores,
-        "workdir": str(workdir),
         "init_path": str(init) if init else "",
     }
-    proc = subprocess.run(
-        [args.anomalib_python, str(script), json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"anomalib run failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
-    shutil.rmtree(workdir, ignore_errors=True)
-    return json.loads(line[len("RESULT ") :])
+    return run_anomalib_script(args.anomalib_python, ANOMALIB_SCRIPT, cfg)
 
 
 def compare_in_pairs(args: argparse.Namespace) -> None:

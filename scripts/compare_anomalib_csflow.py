@@ -18,8 +18,8 @@ median of each side's times and the ratios. Test time is wall time per test imag
 image loading included. The backbones are random and differ (timm's TF port against
 torchvision's), so the AUROCs printed only show that both ran.
 
-    python scripts/compare_anomalib_csflow.py --data-root /work/shared/data/mvtec \\
-        --category bottle --anomalib-python /work/anomalib-venv/bin/python
+    python scripts/compare_anomalib_csflow.py --data-root DATA \\
+        --category bottle --anomalib-python ANOMALIB_PYTHON
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -49,7 +47,12 @@ from bench.registry import DATASETS
 from bench.runner.heap import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comparison_data import subset_folder  # noqa: E402
+from comparison_data import (  # noqa: E402
+    RESULT,
+    run_anomalib_script,
+    run_result_process,
+    subset_folder,
+)
 
 REFERENCE = "anomalib"
 BACKBONE = "tf_efficientnet_b5"
@@ -165,18 +168,10 @@ def run_bench_process(args: argparse.Namespace, root: Path) -> dict:
     """``run_bench`` in a fresh interpreter, as anomalib runs: both sides start from the
     same state, and neither holds the other's memory."""
     command = [sys.executable, __file__, "--bench-worker", str(root), *sys.argv[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench run failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_result_process(command, {**os.environ, "OMP_NUM_THREADS": str(args.threads)})
 
 
 def run_anomalib(args: argparse.Namespace, root: Path) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="csflow-anomalib-"))
-    script = workdir / "run_anomalib.py"
-    script.write_text(ANOMALIB_SCRIPT)
     cfg = {
         "root": str(root),
         "category": args.category,
@@ -186,21 +181,10 @@ def run_anomalib(args: argparse.Namespace, root: Path) -> dict:
         "hidden_channels": args.hidden_channels,
         "seed": args.seed,
         "threads": args.threads,
-        "workdir": str(workdir),
         "barebones": args.anomalib_barebones,
     }
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(
-        [args.anomalib_python, str(script), json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    shutil.rmtree(workdir, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"anomalib run failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    return run_anomalib_script(args.anomalib_python, ANOMALIB_SCRIPT, cfg, env)
 
 
 def main() -> None:
@@ -216,7 +200,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--anomalib-python", default="/work/anomalib-venv/bin/python")
+    parser.add_argument("--anomalib-python", required=True, help="python with anomalib 2.7")
     parser.add_argument(
         "--anomalib-barebones",
         action="store_true",
@@ -226,7 +210,7 @@ def main() -> None:
     parser.add_argument("--bench-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bench_worker:
-        print("RESULT " + json.dumps(run_bench(args, args.bench_worker)))
+        print(RESULT + json.dumps(run_bench(args, args.bench_worker)))
         return
 
     root = subset_folder(args.data_root, args.category, args.train_images, args.test_per_defect)

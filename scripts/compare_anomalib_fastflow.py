@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import subprocess
 import tempfile
 import textwrap
 import time
@@ -32,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from comparison_data import subset_folder, sync
+from comparison_data import run_anomalib_script, subset_folder, sync
 
 from bench.datasets.pipeline import ImageSet
 from bench.extractor import FeatureExtractor
@@ -94,7 +92,7 @@ ANOMALIB_SCRIPT = textwrap.dedent(
                 torch.cuda.synchronize()
             if i >= cfg["warmup"]:
                 times.append(time.perf_counter() - start)
-    print(json.dumps({"build": build, "fit": fit, "latency": times}))
+    print("RESULT " + json.dumps({"build": build, "fit": fit, "latency": times}))
     """
 )
 
@@ -165,13 +163,8 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device) -> dic
     return {"build": build, "fit": fit, "extract": extracted, "latency": times}
 
 
-def run_anomalib(
-    args: argparse.Namespace, root: Path, device: torch.device, no_val: bool, workdir: Path
-) -> dict:
+def run_anomalib(args: argparse.Namespace, root: Path, device: torch.device, no_val: bool) -> dict:
     """anomalib's Engine.fit in its own interpreter; returns its timings."""
-    workdir.mkdir()
-    script = workdir / "run_anomalib.py"
-    script.write_text(ANOMALIB_SCRIPT)
     cfg = {
         "root": str(root),
         "category": args.category,
@@ -184,19 +177,10 @@ def run_anomalib(
         "no_validation": no_val,
         "accelerator": "gpu" if device.type == "cuda" else "cpu",
         "device": str(device),
-        "workdir": str(workdir),
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
-    done = subprocess.run(
-        [args.anomalib_python, str(script), json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"anomalib run failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_anomalib_script(args.anomalib_python, ANOMALIB_SCRIPT, cfg)
 
 
 def _row(name: str, result: dict, reference_fit: float | None) -> str:
@@ -231,8 +215,7 @@ def compare_in_pairs(args: argparse.Namespace) -> None:
                 if side == "bench":
                     results[side] = run_bench(args, root, device)
                 else:
-                    workdir = Path(tmp) / f"anomalib-{pair}"
-                    results[side] = run_anomalib(args, root, device, True, workdir)
+                    results[side] = run_anomalib(args, root, device, True)
             ours, theirs = results["bench"], results["anomalib"]
             fits.append(ours["fit"] / theirs["fit"])
             latencies.append(_median_latency(ours) / _median_latency(theirs))
@@ -291,8 +274,8 @@ def main() -> None:
         )
         ours = run_bench(args, root, device)
         if args.anomalib_python:
-            default = run_anomalib(args, root, device, False, Path(tmp) / "anomalib-default")
-            no_val = run_anomalib(args, root, device, True, Path(tmp) / "anomalib-no-val")
+            default = run_anomalib(args, root, device, False)
+            no_val = run_anomalib(args, root, device, True)
     rows = [_row("bench FastFlow", ours, None)]
     if args.anomalib_python:
         rows.append(

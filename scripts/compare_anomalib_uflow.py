@@ -18,8 +18,8 @@ where a second thread mostly spin-waits: hence one thread by default). Test time
 test image including image loading; AUROCs are sklearn's on the raw scores and maps
 (bench) and anomalib's own test metrics.
 
-    python scripts/compare_anomalib_uflow.py --data-root /work/shared/data/mvtec \\
-        --category bottle --anomalib-python /work/anomalib-venv/bin/python
+    python scripts/compare_anomalib_uflow.py --data-root DATA \\
+        --category bottle --anomalib-python ANOMALIB_PYTHON
 """
 
 from __future__ import annotations
@@ -27,17 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import torch
-from comparison_data import subset_folder, sync
+from comparison_data import run_anomalib_script, subset_folder, sync
 from sklearn.metrics import roc_auc_score
 
 from bench.datasets.pipeline import ImageSet, load_ground_truth
@@ -197,9 +194,6 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device, init: 
 def run_anomalib(args: argparse.Namespace, root: Path, device: torch.device, init: Path) -> dict:
     """anomalib's Engine.fit and Engine.test in its own interpreter; it first saves its
     freshly built model's state dict to ``init``."""
-    workdir = Path(tempfile.mkdtemp(prefix="uflow-anomalib-"))
-    script = workdir / "run_anomalib.py"
-    script.write_text(ANOMALIB_SCRIPT)
     cfg = {
         "root": str(root),
         "category": args.category,
@@ -211,20 +205,9 @@ def run_anomalib(args: argparse.Namespace, root: Path, device: torch.device, ini
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "accelerator": "gpu" if device.type == "cuda" else "cpu",
-        "workdir": str(workdir),
         "init_path": str(init),
     }
-    proc = subprocess.run(
-        [args.anomalib_python, str(script), json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    shutil.rmtree(workdir, ignore_errors=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"anomalib run failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_anomalib_script(args.anomalib_python, ANOMALIB_SCRIPT, cfg)
 
 
 def main() -> None:
@@ -244,7 +227,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--anomalib-python", default="/work/anomalib-venv/bin/python")
+    parser.add_argument("--anomalib-python", required=True, help="python with anomalib 2.7")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 

@@ -17,8 +17,8 @@ Both sides load images with ``--workers`` processes and use random backbone weig
 named in the output). Bench's own phase times (features, fit, test, metrics) are read from
 each run's results.csv, and the table gives what the process spent outside them.
 
-    python scripts/compare_whole_run.py --data-root /work/shared/data/mvtec \\
-        --anomalib-python /work/anomalib-venv/bin/python --repeats 3 --markdown whole_run.md
+    python scripts/compare_whole_run.py --data-root DATA \\
+        --anomalib-python ANOMALIB_PYTHON --repeats 3 --markdown whole_run.md
 Smoke test (one pair, small data):
     python scripts/compare_whole_run.py --data-root ... --anomalib-python ... --repeats 1 \\
         --methods padim --train-images 8 --test-per-defect 2

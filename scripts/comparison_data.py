@@ -1,16 +1,22 @@
-"""What the side-by-side scripts share: the data subset both sides read, and a CUDA sync.
+"""What the side-by-side scripts share: the data subset both sides read, running a side in
+its own interpreter, and a CUDA sync.
 
 No torch or bench plugin is imported here, so the whole-process timer stays light.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from bench.datasets.base import list_images
+
+RESULT = "RESULT "  # what a side's process prints before the JSON of its figures
 
 
 def subset_folder(
@@ -46,3 +52,34 @@ def sync(device: Any) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def run_result_process(command: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``command`` (a side in a fresh interpreter) and return the JSON it printed last
+    after ``RESULT``; a failure raises with the end of what it printed."""
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{Path(command[1]).name} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1][len(RESULT) :])
+
+
+def run_anomalib_script(
+    python: str, source: str, cfg: dict[str, Any], env: dict[str, str] | None = None
+) -> dict:
+    """Run ``source``, a script for anomalib's interpreter ``python``, with ``cfg`` as its one
+    JSON argument, in a new temporary folder (``cfg["workdir"]``, removed afterwards), with
+    Python's warnings off; return its ``RESULT`` line's JSON."""
+    workdir = Path(tempfile.mkdtemp(prefix="anomalib-side-"))
+    try:
+        script = workdir / "run_anomalib.py"
+        script.write_text(source)
+        command = [python, str(script), json.dumps({**cfg, "workdir": str(workdir)})]
+        return run_result_process(
+            command, {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
