@@ -30,13 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from comparison_data import run_anomalib_script, subset_folder, sync
+from comparison_data import build_bench_side, run_anomalib_script, subset_folder, sync
 from sklearn.metrics import roc_auc_score
 
 from bench.datasets.pipeline import ImageSet, load_ground_truth
-from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
-from bench.methods.base import MethodContext
 from bench.methods.cflow import CFlow
 from bench.registry import DATASETS
 from bench.runner.heap import retain_freed_memory
@@ -133,26 +131,10 @@ def run_bench(
         batch_size=args.batch_size,
         eval_chunk=args.eval_chunk,
     )
-    pre = CFlow.preprocess(args.backbone, REFERENCE, settings)
     start = time.perf_counter()
-    extractor = FeatureExtractor(
-        args.backbone,
-        CFlow.needs(args.backbone, settings),
-        weights="random",
-        provenance=CFlow.weights_provenance(args.backbone, REFERENCE),
-        input_size=pre.output_size,
-    ).to(device)
-    context = MethodContext(
-        backbone=args.backbone,
-        reference=REFERENCE,
-        channels=dict(extractor.channels),
-        shapes=dict(extractor.shapes),
-        output_size=pre.output_size,
-        device=device,
-        seed=args.seed,
-        progress=not args.quiet,
+    pre, extractor, method = build_bench_side(
+        CFlow, args.backbone, REFERENCE, settings, device, args.seed, not args.quiet
     )
-    method = CFlow(settings, context)
     sync(device)
     build = time.perf_counter() - start
     if init is not None:

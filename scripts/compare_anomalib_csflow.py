@@ -39,9 +39,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench.datasets.pipeline import ImageSet, load_ground_truth
-from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
-from bench.methods.base import MethodContext
 from bench.methods.csflow import CsFlow
 from bench.registry import DATASETS
 from bench.runner.heap import retain_freed_memory
@@ -49,6 +47,7 @@ from bench.runner.heap import retain_freed_memory
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from comparison_data import (  # noqa: E402
     RESULT,
+    build_bench_side,
     run_anomalib_script,
     run_result_process,
     subset_folder,
@@ -124,25 +123,9 @@ def run_bench(args: argparse.Namespace, root: Path) -> dict:
         batch_size=args.batch_size,
         hidden_channels=args.hidden_channels,
     )
-    pre = CsFlow.preprocess(BACKBONE, REFERENCE, settings)
-    extractor = FeatureExtractor(
-        BACKBONE,
-        CsFlow.needs(BACKBONE, settings),
-        weights="random",
-        provenance=CsFlow.weights_provenance(BACKBONE, REFERENCE),
-        input_size=pre.output_size,
+    pre, extractor, method = build_bench_side(
+        CsFlow, BACKBONE, REFERENCE, settings, torch.device("cpu"), args.seed, False
     )
-    context = MethodContext(
-        backbone=BACKBONE,
-        reference=REFERENCE,
-        channels=dict(extractor.channels),
-        shapes=dict(extractor.shapes),
-        output_size=pre.output_size,
-        device=torch.device("cpu"),
-        seed=args.seed,
-        progress=False,
-    )
-    method = CsFlow(settings, context)
 
     def loader(samples: list, batch: int) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(ImageSet(samples, pre), batch_size=batch)

@@ -30,12 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from comparison_data import run_anomalib_script, subset_folder, sync
+from comparison_data import build_bench_side, run_anomalib_script, subset_folder, sync
 
 from bench.datasets.pipeline import ImageSet
-from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
-from bench.methods.base import MethodContext
 from bench.methods.fastflow import FastFlow
 from bench.registry import DATASETS
 from bench.runner.heap import retain_freed_memory
@@ -123,27 +121,11 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device) -> dic
         epochs=args.epochs,
         batch_size=args.batch_size,
     )
-    pre = FastFlow.preprocess(args.backbone, "original", settings)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    extractor = FeatureExtractor(
-        args.backbone,
-        FastFlow.needs(args.backbone, settings),
-        weights="random",
-        provenance=FastFlow.weights_provenance(args.backbone, "original"),
-        input_size=pre.output_size,
-    ).to(device)
-    context = MethodContext(
-        backbone=args.backbone,
-        reference="original",
-        channels=dict(extractor.channels),
-        shapes=dict(extractor.shapes),
-        output_size=pre.output_size,
-        device=device,
-        seed=args.seed,
-        progress=False,
+    pre, extractor, method = build_bench_side(
+        FastFlow, args.backbone, "original", settings, device, args.seed, False
     )
-    method = FastFlow(settings, context)
     sync(device)
     build = time.perf_counter() - start
     start = time.perf_counter()

@@ -34,13 +34,11 @@ import time
 from pathlib import Path
 
 import torch
-from comparison_data import run_anomalib_script, subset_folder, sync
+from comparison_data import build_bench_side, run_anomalib_script, subset_folder, sync
 from sklearn.metrics import roc_auc_score
 
 from bench.datasets.pipeline import ImageSet, load_ground_truth
-from bench.extractor import FeatureExtractor
 from bench.features import CachedFeatures
-from bench.methods.base import MethodContext
 from bench.methods.uflow import UFlow, port_reference_state
 from bench.registry import DATASETS
 from bench.runner.heap import retain_freed_memory
@@ -130,25 +128,9 @@ def run_bench(args: argparse.Namespace, root: Path, device: torch.device, init: 
         batch_size=args.batch_size,
         nfa="off",
     )
-    pre = UFlow.preprocess(args.backbone, REFERENCE, settings)
-    extractor = FeatureExtractor(
-        args.backbone,
-        UFlow.needs(args.backbone, settings),
-        weights="random",
-        provenance=UFlow.weights_provenance(args.backbone, REFERENCE),
-        input_size=pre.output_size,
-    ).to(device)
-    context = MethodContext(
-        backbone=args.backbone,
-        reference=REFERENCE,
-        channels=dict(extractor.channels),
-        shapes=dict(extractor.shapes),
-        output_size=pre.output_size,
-        device=device,
-        seed=args.seed,
-        progress=not args.quiet,
+    pre, extractor, method = build_bench_side(
+        UFlow, args.backbone, REFERENCE, settings, device, args.seed, not args.quiet
     )
-    method = UFlow(settings, context)
     state = torch.load(init, map_location=device, weights_only=True)
     backbone = {
         k[len(BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)

@@ -83,3 +83,38 @@ def run_anomalib_script(
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def build_bench_side(
+    method_cls: Any,
+    backbone: str,
+    reference: str,
+    settings: Any,
+    device: Any,
+    seed: int,
+    progress: bool,
+) -> tuple[Any, Any, Any]:
+    """(preprocess, extractor with random weights, method) for one cell, as `bench run`
+    builds them. Imports torch only when called, so the whole-process timer stays light."""
+    from bench.extractor import FeatureExtractor
+    from bench.methods.base import MethodContext
+
+    pre = method_cls.preprocess(backbone, reference, settings)
+    extractor = FeatureExtractor(
+        backbone,
+        method_cls.needs(backbone, settings),
+        weights="random",
+        provenance=method_cls.weights_provenance(backbone, reference),
+        input_size=pre.output_size,
+    ).to(device)
+    context = MethodContext(
+        backbone=backbone,
+        reference=reference,
+        channels=dict(extractor.channels),
+        shapes=dict(extractor.shapes),
+        output_size=pre.output_size,
+        device=device,
+        seed=seed,
+        progress=progress,
+    )
+    return pre, extractor, method_cls(settings, context)
