@@ -136,16 +136,11 @@ class FlowStep(nn.Module):
         """``forward`` as separate autograd operations (the values and gradients that
         training's single node reproduces, and the path for other subnets)."""
         x1, x2 = torch.split(x, self.splits, dim=1)
-        s, t = self._coupling(x1)
-        log_det = torch.sum(s, dim=(1, 2, 3))
-        y = torch.cat((x1, x2 * torch.exp(s) + t), 1)
-        g = self.scale()
-        # (y * g + o)[:, perm], value for value: gather first, then multiply and add in place
-        # (not addcmul, whose fused multiply-add rounds differently from FrEIA).
-        perm = self.perm
-        z = y.index_select(1, perm) * g.index_select(1, perm)
-        z.add_(self.global_offset.index_select(1, perm))
-        log_det = log_det + x[0, :1].numel() * torch.sum(torch.log(g))
+        a = self.subnet(x1)
+        a.mul_(0.1)
+        z, log_det, _ = _affine_tail(
+            x1, x2, a, self.clamp, self.global_scale, self.global_offset, self.perm
+        )
         return z, log_det
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,6 +151,32 @@ class FlowStep(nn.Module):
         x = torch.cat((x1, (y2 - t) * torch.exp(-s)), 1)
         log_det = -torch.sum(s, dim=(1, 2, 3)) - z[0, :1].numel() * torch.sum(torch.log(g))
         return x, log_det
+
+
+def _affine_tail(
+    x1: Tensor,
+    x2: Tensor,
+    a: Tensor,
+    clamp: float,
+    raw_scale: Tensor,
+    offset: Tensor,
+    perm: Tensor,
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """A step after its subnet (``a`` = 0.1 subnet(x1)): z, the log-det, and what the
+    training node's backward pass reads (tanh(a_s), exp(s), y[perm], g, g[perm])."""
+    c2 = x2.shape[1]
+    th = torch.tanh(a[:, :c2])
+    s = th * clamp
+    e = torch.exp(s)
+    y = torch.cat((x1, x2 * e + a[:, c2:]), 1)
+    g = softplus_scale(raw_scale)
+    # (y * g + o)[:, perm], value for value: gather first, then multiply and add in place
+    # (not addcmul, whose fused multiply-add rounds differently from FrEIA).
+    y_perm, g_perm = y.index_select(1, perm), g.index_select(1, perm)
+    z = y_perm * g_perm
+    z.add_(offset.index_select(1, perm))
+    log_det = torch.sum(s, dim=(1, 2, 3)) + x1[0, :1].numel() * torch.sum(torch.log(g))
+    return z, log_det, (th, e, y_perm, g, g_perm)
 
 
 def _plain_subnet(subnet: nn.Module) -> bool:
@@ -191,20 +212,13 @@ class _TrainingStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, raw_scale, offset, perm, perm_inv, splits, clamp, pads):  # noqa: ANN001, ANN205
-        c2 = splits[1]
         x1, x2 = torch.split(x, splits, dim=1)
         hidden = torch.relu(F.conv2d(x1, w1, b1, padding=pads[0]))
         a = F.conv2d(hidden, w2, b2, padding=pads[1])
         a.mul_(0.1)
-        th = torch.tanh(a[:, :c2])
-        s = th * clamp
-        e = torch.exp(s)
-        y = torch.cat((x1, x2 * e + a[:, c2:]), 1)
-        g = 0.1 * F.softplus(raw_scale, beta=0.5)
-        y_perm, g_perm = y.index_select(1, perm), g.index_select(1, perm)
-        z = y_perm * g_perm
-        z.add_(offset.index_select(1, perm))
-        log_det = torch.sum(s, dim=(1, 2, 3)) + x[0, :1].numel() * torch.sum(torch.log(g))
+        z, log_det, (th, e, y_perm, g, g_perm) = _affine_tail(
+            x1, x2, a, clamp, raw_scale, offset, perm
+        )
         ctx.save_for_backward(
             x, w1, hidden, w2, th, e, y_perm, g, g_perm, raw_scale, perm, perm_inv
         )
