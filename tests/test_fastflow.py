@@ -292,10 +292,12 @@ def test_fit_reduces_loss_and_predicts_maps() -> None:
     assert bool((maps < 0).all() and (maps >= -1).all())
 
 
-@pytest.mark.parametrize("conv3x3_only", [False, True])
-def test_scoring_snapshot_gives_the_models_maps(conv3x3_only: bool) -> None:
+@pytest.mark.parametrize(
+    ("conv3x3_only", "layer_norm"), [(False, True), (True, True), (True, False)]
+)
+def test_scoring_snapshot_gives_the_models_maps(conv3x3_only: bool, layer_norm: bool) -> None:
     shapes = [(6, 8, 8), (8, 4, 4), (10, 2, 2)]
-    model = FastFlowModel(shapes, 4, 1.0, conv3x3_only, layer_norm=True)
+    model = FastFlowModel(shapes, 4, 1.0, conv3x3_only, layer_norm=layer_norm)
     _perturb(model, scale=0.3)  # tanh/sigmoid away from 0, global affine away from 1 and 0
     gen = torch.Generator().manual_seed(3)
     features = [torch.randn(3, c, h, w, generator=gen) for c, h, w in shapes]
