@@ -418,7 +418,7 @@ class FrozenFlows:
 
     def __init__(self, model: FastFlowModel) -> None:
         self.norms: list[nn.Module] = []
-        self.entry_scales: list[Tensor | None] = []
+        self.entry_scales: list[Tensor] = []  # only where there are no LayerNorms
         self.flows: list[list[_FrozenStep]] = []
         for index, flow in enumerate(model.flows):
             steps, mu = self._freeze(list(flow.module_list))
@@ -429,7 +429,6 @@ class FrozenFlows:
                     norm.weight[-half:] *= mu[0]
                     norm.bias[-half:] *= mu[0]
                 self.norms.append(norm)
-                self.entry_scales.append(None)
             else:
                 first = torch.ones_like(steps[0].x1_scale)
                 self.entry_scales.append(torch.cat((first, mu), 1))
