@@ -39,6 +39,9 @@ def run(
 ) -> RunResult:
     """Run a grid and write its run folder (store, results.csv, tables, figures, report.md).
 
+    The folder's files cover every finished cell in it, earlier runs' too; the returned
+    ``results`` are this grid's rows.
+
     Keywords are the options of ``bench run`` with underscores (``methods``, ``dataset``,
     ``data_root``, ``categories``, ``backbones``, ``seeds``, ``epochs``, ``out``...; lists
     may be given as "a,b" strings); ``set={"fastflow": {"epochs": 3}}`` overrides method
@@ -52,6 +55,7 @@ def run(
     from bench.report.tables import check_metrics, results_frame
     from bench.runner.options import RUN, build_config, check_keywords, coerce
     from bench.runner.run import run_grid
+    from bench.runner.store import read_store
 
     check_keywords(options, RUN)
     values = coerce(options)
@@ -75,10 +79,13 @@ def run(
     )
     tables = ""
     if summary.rows:
+        # The folder's files cover every cell its store holds, as `bench report` writes
+        # them: a run of some of its methods must not leave a results.csv of those alone.
+        rows, failures = read_store(summary.folder)
         tables = write_report(
             summary.folder,
-            summary.rows,
-            summary.failures,
+            rows,
+            failures,
             metrics=values.get("table_metrics"),
             ci=bool(values.get("ci")),
         )

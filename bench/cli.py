@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
 from bench.runner.options import (
     CHECK,
     PAPER,
@@ -38,7 +38,7 @@ def _given(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 def _failures(failures: list[tuple[str, str]]) -> None:
     for label, error in failures:
-        print(f"failed: {label}: {error.splitlines()[0]}", file=sys.stderr)
+        print(f"failed: {label}: {one_line(error)}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     if result.failures:
         print(f"{len(result.failures)} of {result.cells} cells failed:", file=sys.stderr)
         for label, error in result.failures:
-            print(f"  {label}: {error.splitlines()[0]}", file=sys.stderr)
+            print(f"  {label}: {one_line(error)}", file=sys.stderr)
         return 1
     return 0
 
@@ -104,6 +104,14 @@ def cmd_paper(args: argparse.Namespace, argv: list[str]) -> int:
         command=_command(argv),
         debug=args.debug,
     )
+    if not args.source and not result.rows:
+        _failures(result.failures)
+        print(
+            f"no cell finished, so table {args.table} has none of ours to compare; fix the "
+            f"failures above and rerun (run folder: {result.folder})",
+            file=sys.stderr,
+        )
+        return 1
     if args.source:
         write_filled(result.filled, result.folder)
     else:
@@ -161,6 +169,34 @@ def cmd_check(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What Ctrl-C leaves: a run folder that the same command resumes, for run and paper;
+    nothing for the other commands."""
+    if args.command == RUN:
+        from bench.runner.options import build_config, coerce
+
+        folder = build_config(coerce(_given(args, RUN))).out
+    elif args.command == PAPER and args.table and not args.source:
+        from bench.paper.reproduce import paper_folder
+
+        folder = str(paper_folder(args.table, args.out))
+    else:
+        return "interrupted"
+    return (
+        f"interrupted; the finished cells are kept in {folder}: rerun the same command to "
+        f"resume, or `bench report {folder}` for the tables of what finished"
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flowad-bench")
+    except PackageNotFoundError:
+        return "unknown (the package is not installed)"
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
     """Warnings reach a user as one line, without the source line Python adds under it."""
     return f"warning: {message}\n"
@@ -171,6 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="bench", description="Benchmark flow-based image anomaly detectors."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
@@ -272,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished cells are kept in the run folder", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
 
 

@@ -18,6 +18,7 @@ import re
 import socket
 import warnings
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import timm
@@ -218,11 +219,56 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    """Hashed once per file version: a grid asks for the same checkpoint in every cell."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def _cached_weights_file(tag: str) -> str | None:
+    """The local Hugging Face copy of timm's weights ``tag``, if there is one."""
+    cfg = timm.models.get_pretrained_cfg(tag)
+    if cfg is None:
+        raise BenchError(f"timm knows no weights named '{tag}'")
+    if cfg.hf_hub_id:
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(cached, str):
+                return cached
+    return None
+
+
+def expected_weights_ident(backbone: str, layers: list[str], weights: str, provenance: str) -> str:
+    """The ``WeightsInfo.ident`` that building this extractor would record now, found without
+    building it. A run compares it with its finished rows, so a cell made before the ImageNet
+    weights were cached (``auto`` fell back to random) or with a checkpoint file since
+    replaced is not passed off as done."""
+    spec = backbone_spec(backbone)
+    if spec.parts:
+        named = dict.fromkeys(layer.partition(".")[0] for layer in layers)
+        parts = [part for part in spec.parts if part in named]
+        return "+".join(expected_weights_ident(p, [], weights, provenance) for p in parts)
+    if weights == "random":
+        return "random"
+    if weights in ("auto", "imagenet"):
+        tag = spec.tag_for(provenance)
+        if weights == "imagenet" or _cached_weights_file(tag) is not None or _hub_reachable():
+            return tag
+        return "random"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BenchError(
+            f"--weights '{weights}': not one of {', '.join(WEIGHT_POLICIES)} and no such file"
+        )
+    return _sha256(path)
 
 
 def load_checkpoint_tensors(path: Path) -> dict[str, Tensor]:
@@ -327,18 +373,11 @@ class FeatureExtractor(nn.Module):
 
     def _create_pretrained(self, tag: str) -> nn.Module:
         """timm weights from the local Hugging Face cache, else the hub when it is reachable."""
-        cfg = timm.models.get_pretrained_cfg(tag)
-        if cfg is None:
-            raise BenchError(f"timm knows no weights named '{tag}'")
-        if cfg.hf_hub_id:
-            for filename in ("model.safetensors", "pytorch_model.bin"):
-                cached = try_to_load_from_cache(cfg.hf_hub_id, filename)
-                if isinstance(cached, str):
-                    return self._create(True, tag, overlay={"file": cached})
+        cached = _cached_weights_file(tag)
+        if cached is not None:
+            return self._create(True, tag, overlay={"file": cached})
         if not _hub_reachable():
-            raise ConnectionError(
-                f"no local copy of {cfg.hf_hub_id or tag} and the hub is unreachable"
-            )
+            raise ConnectionError(f"no local copy of {tag} and the hub is unreachable")
         return self._create(True, tag)
 
     def _build(self, weights: str, provenance: str) -> tuple[nn.Module, WeightsInfo]:

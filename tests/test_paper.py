@@ -104,6 +104,10 @@ def test_list_names_every_table(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"{name}: {load_table(name).title}" in out
     # cflow-mvtec: the paper's Table 3, all primary (its AUPRO printed in two columns)
     assert "published numbers: 96 P" in out
+    assert out.startswith(
+        "Published numbers by status: P primary, X cross-checked, S single secondary source "
+        "(marked †), U doubtful (marked ‡).\n"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ISSUE_TABLES))
@@ -379,3 +383,30 @@ def test_cflow_table_compares_its_aupro_with_the_authors_routine_too() -> None:
         assert (official is None) == (routine is None)
         assert official is None or official.text == routine.text
     assert any("CFLOW-AD routine" in note for note in table.notes)
+
+
+def test_a_paper_run_where_no_cell_finished_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # CFLOW-AD's reflect padding cannot take 32 px: every cell fails before building anything.
+    data = DATASETS.get("synthetic")(None).folder()
+    args = ["cflow-mvtec", "--data-root", str(data), "--categories", "brick", "--input-size"]
+    args += ["32", "--weights", "random", "--allow-random-weights", "--out", str(tmp_path)]
+    code, out, err = _paper(args, capsys)
+    assert code == 1 and out == ""
+    assert "failed: cflow/resnet18/brick/seed0: cflow: --input-size 32 leaves layer4" in err
+    assert err.strip().splitlines()[-1] == (
+        "no cell finished, so table cflow-mvtec has none of ours to compare; fix the failures "
+        f"above and rerun (run folder: {tmp_path})"
+    )
+    assert "Traceback" not in err and not (tmp_path / "report.md").exists()
+
+
+def test_paper_checks_the_data_layout_before_any_cell_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "data" / "bottle" / "train").mkdir(parents=True)  # no train/good, no test
+    args = ["padim-mvtec", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    code, _, err = _paper(args, capsys)
+    assert code == 2 and "error: bottle: no train/good folder under" in err
+    assert not (tmp_path / "run").exists()

@@ -127,6 +127,39 @@ def test_config_validation():
         RunConfig(methods=["padim"], dataset="imagenet").validate()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("threads", -3, "--threads -3: give 1 or more, or omit the option"),
+        ("threads", 0, "--threads 0: give 1 or more"),
+        ("workers", -1, "--workers -1: give 0"),
+        ("backbones", ["resnet18", "resnet19"], "--backbones resnet19: unknown backbone"),
+        ("input_size", 7, "--input-size 7: give 32 .the backbones' coarsest stride. to 4096"),
+        ("input_size", 100_000, "--input-size 100000: give 32"),
+    ],
+)
+def test_resource_options_are_checked_before_anything_runs(option, value, message) -> None:
+    with pytest.raises(BenchError, match=message):
+        RunConfig(methods=["padim"], **{option: value}).validate()
+
+
+def test_accepted_resource_options_pass() -> None:
+    RunConfig(methods=["padim"], threads=1, workers=0, input_size=32).validate()
+    RunConfig(methods=["padim"], input_size=4096).validate()
+
+
+def test_bad_options_leave_no_run_folder_in_run_and_speed(tmp_path, capsys) -> None:
+    from bench.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "--methods", "padim", "--workers", "-1", "--out", str(out)]) == 2
+    assert "error: --workers -1" in capsys.readouterr().err and not out.exists()
+    assert main(["speed", "--methods", "padim", "--input-size", "7"]) == 2
+    assert "error: --input-size 7" in capsys.readouterr().err
+    assert main(["speed", "--methods", "padim", "--threads", "0"]) == 2
+    assert "error: --threads 0" in capsys.readouterr().err
+
+
 def test_preset_method_settings_are_defaults_for_methods_in_the_run():
     from bench.cli import make_parser
     from bench.runner.options import RUN, build_config, given

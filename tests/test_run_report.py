@@ -242,3 +242,137 @@ def test_ci_tables_show_test_image_or_seed_intervals() -> None:
     two = metric_table(pd.DataFrame(rows), "image_auroc", ci=True)
     # mean 92.0, t(0.975, 1) = 12.706, sd/sqrt(2) = 2.0 -> +-25.4
     assert two.loc["brick", "padim"] == "92.0 [66.6, 117.4]"
+
+
+def test_rows_made_differently_are_never_averaged_into_one_column(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from bench.report.figures import series_labels
+    from bench.report.tables import metric_table, results_frame, write_tables
+
+    small = {"input_size": 96, "blur_sigma": 4.0}
+    rows = [
+        _row("padim", "resnet18", "bottle", 0.90, settings=small),
+        _row("padim", "resnet18", "bottle", 0.96, settings={**small, "input_size": 128}),
+        _row("padim", "resnet18", "bottle", 0.80, settings=small, weights="r18.pt (sha256 ab)"),
+        _row("fastflow", "resnet18", "bottle", 0.70, settings={"input_size": 256}),
+    ]
+    frame = results_frame(rows)
+    table = metric_table(frame, "image_auroc")
+    assert table.loc["bottle"].to_dict() == {
+        "padim / random(seed=0) / input_size=96": "90.0",
+        "padim / random(seed=0) / input_size=128": "96.0",
+        "padim / r18.pt (sha256 ab) / input_size=96": "80.0",
+        "fastflow / random(seed=0)": "70.0",
+    }
+    assert list(series_labels(frame)) == list(table.columns)
+    write_tables(frame, tmp_path, ["image_auroc"])
+    numeric = pd.read_csv(tmp_path / "tables.csv")
+    assert numeric["count"].tolist() == [1, 1, 1, 1]
+    assert sorted(numeric["weights"].unique()) == ["r18.pt (sha256 ab)", "random(seed=0)"]
+
+    alike = results_frame([rows[0], {**rows[0], "seed": 1, "image_auroc": 0.94}])
+    assert metric_table(alike, "image_auroc").columns.tolist() == ["padim"]  # seeds: one column
+
+
+def _truncated_png(path: Path) -> None:
+    Image.new("RGB", (64, 64), 90).save(path)
+    path.write_bytes(path.read_bytes()[:60])  # header intact, pixel data cut off
+
+
+def test_one_line_finds_the_message_of_an_error_in_a_dataloader_worker(tmp_path: Path) -> None:
+    import torch
+
+    from bench.datasets.pipeline import ImageSet
+    from bench.errors import BenchError, one_line
+
+    image = tmp_path / "corrupt" / "001.png"
+    image.parent.mkdir()
+    _truncated_png(image)
+    images = ImageSet([Sample(image, 0, None, "good", "good/001")], Preprocess((32, 32)))
+    with pytest.raises(BenchError) as caught:
+        list(torch.utils.data.DataLoader(images, num_workers=1))
+    text = str(caught.value)
+    assert text.startswith("Caught BenchError in DataLoader worker process 0.")
+    line = one_line(text)
+    assert line.startswith(f"BenchError: {image}: unreadable image (") and "\n" not in line
+    # as --debug stores it: the driver's traceback after the worker's
+    debug = f"BenchError: {text}\nTraceback (most recent call last):\n  File ...\n{text}"
+    assert one_line(debug) == line
+    assert one_line("KeyError: 'x'\nTraceback (most recent call last):") == "KeyError: 'x'"
+
+
+def test_a_cell_that_fails_in_an_image_worker_names_the_file(tmp_path: Path, capsys) -> None:
+    from test_datasets import make_mvtec
+
+    root = make_mvtec(tmp_path / "data", train=3)
+    corrupt = root / "bottle" / "train" / "good" / "001.png"
+    _truncated_png(corrupt)
+    args = ["run", "--dataset", "mvtec", "--data-root", str(root), "--methods", "padim"]
+    args += ["--input-size", "32", "--weights", "random", "--workers", "1", "--no-profile"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    expected = f"padim/resnet18/bottle/seed0: BenchError: {corrupt}: unreadable image ("
+    assert f"FAILED {expected}" in err and f"  {expected}" in err
+    assert "DataLoader worker" not in err
+
+
+def test_debug_prints_the_traceback_of_each_failed_cell(tmp_path: Path, capsys) -> None:
+    # CFLOW-AD's reflect padding cannot take 32 px: the cell fails before building anything.
+    args = ["run", "--methods", "cflow", "--categories", "brick", "--input-size", "32"]
+    args += ["--out", str(tmp_path)]
+    assert main(args) == 1
+    quiet = capsys.readouterr().err
+    assert "FAILED cflow/resnet18/brick/seed0: cflow: --input-size 32" in quiet
+    assert "Traceback" not in quiet
+    assert main(["--debug", *args, "--force"]) == 1
+    loud = capsys.readouterr().err
+    failed = loud[loud.index("FAILED cflow/resnet18/brick/seed0: BenchError: cflow") :]
+    assert failed.splitlines()[1] == "Traceback (most recent call last):"
+    assert "in encoder_padding" in failed
+
+
+def test_interrupt_names_the_run_folder_only_where_there_is_one(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import bench
+    from bench.paper import reproduce
+    from bench.runner import catalog
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted)
+    monkeypatch.setattr(catalog, "cached_listing", interrupted)
+    monkeypatch.setattr(reproduce, "reproduce", interrupted)
+    assert main(["run", "--methods", "padim", "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == (
+        f"interrupted; the finished cells are kept in {tmp_path}: rerun the same command to "
+        f"resume, or `bench report {tmp_path}` for the tables of what finished\n"
+    )
+    assert main(["paper", "padim-mvtec"]) == 130
+    folder = Path("results") / "paper-padim-mvtec"
+    assert f"kept in {folder}: rerun the same command" in capsys.readouterr().err
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_version_is_the_installed_packages_and_needs_no_torch() -> None:
+    from importlib.metadata import version
+
+    code = (
+        "import sys; from bench.cli import main\n"
+        "try: main(['--version'])\n"
+        "except SystemExit as exit: print(exit.code, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [f"bench {version('flowad-bench')}", "0 False"]
+
+
+def test_a_run_with_no_finished_cell_still_gets_a_report(tmp_path: Path) -> None:
+    (figure,) = write_figures(tmp_path, [])
+    assert figure.path is None and figure.note == "skipped: no cell of this run finished"
+    write_report(tmp_path, [], [("padim/resnet18/bottle/seed0", "BenchError: boom\nmore")])
+    report = (tmp_path / "report.md").read_text()
+    assert "0 cells finished, 1 failed." in report
+    assert "- failed: padim/resnet18/bottle/seed0: BenchError: boom\n" in report

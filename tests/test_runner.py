@@ -102,6 +102,99 @@ def test_run_writes_rows_tables_and_resumes(data_root, tmp_path, monkeypatch, ca
     assert len(json.loads((out / "run.json").read_text())["invocations"]) == 3
 
 
+def test_rows_made_from_other_images_are_not_passed_off_as_done(
+    data_root, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    seen = _count_cells(monkeypatch)
+    assert _run(data_root, out) == 0
+    before = _stored(out)
+    moved = tmp_path / "moved"  # the same images elsewhere: still done
+    shutil.copytree(data_root, moved)
+    assert _run(moved, out) == 0 and len(seen) == 2
+
+    train = moved / "bottle" / "train" / "good"
+    shutil.copy(train / "000.png", train / "100.png")
+    capsys.readouterr()
+    assert _run(moved, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out}: 1 finished cell(s) would not be what this command")
+    assert "padim/resnet18/bottle/seed0 was made from other images (4 training and 4 test " in err
+    assert "5 and 4 now" in err and "--force" in err
+    assert len(seen) == 2 and _stored(out) == before  # nothing ran, nothing replaced
+
+    assert _run(moved, out, "--force") == 0
+    assert {label: row["n_train"] for _, label, row in _stored(out)} == {
+        "padim/resnet18/bottle/seed0": 5,
+        "padim/resnet18/screw/seed0": 4,
+    }
+
+
+def test_rows_made_with_other_weights_are_not_passed_off_as_done(
+    data_root, tmp_path, monkeypatch, capsys
+):
+    import timm
+    import torch
+
+    checkpoint = tmp_path / "r18.pt"
+    torch.manual_seed(1)
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), checkpoint)
+    out = tmp_path / "run"
+    extra = ("--weights", str(checkpoint))  # the later one wins over _run's random
+    assert _run(data_root, out, *extra) == 0
+    assert _run(data_root, out, *extra) == 0  # unchanged file: done
+    torch.manual_seed(2)
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), checkpoint)
+    capsys.readouterr()
+    assert _run(data_root, out, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    old = _stored(out)[0][2]["weights_id"]
+    assert f"{checkpoint} (sha256 {old}), and --weights {checkpoint} now gives " in err
+    assert _run(data_root, out, *extra, "--force") == 0
+    assert _stored(out)[0][2]["weights_id"] != old
+
+
+def test_an_auto_run_that_fell_back_to_random_is_redone_once_weights_are_cached(
+    data_root, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("bench.extractor._cached_weights_file", lambda tag: None)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="USING RANDOM INITIALISATION"):
+        assert _run(data_root, out, "--weights", "auto") == 0
+    assert _stored(out)[0][2]["weights_id"] == "random"
+    assert _run(data_root, out, "--weights", "auto") == 0  # still offline, still random: done
+
+    monkeypatch.setattr("bench.extractor._cached_weights_file", lambda tag: "/cache/model.bin")
+    capsys.readouterr()
+    assert _run(data_root, out, "--weights", "auto") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "made with weights random(seed=0), and --weights auto now gives resnet18." in err
+
+
+def test_a_run_of_some_methods_keeps_the_folder_files_whole(data_root, tmp_path):
+    import bench
+
+    out = tmp_path / "run"
+    assert _run(data_root, out) == 0
+    result = bench.run(
+        methods="fastflow", dataset="mvtec", data_root=str(data_root), categories="bottle",
+        input_size=32, weights="random", workers=0, epochs=1, out=str(out),
+        set={"fastflow": {"batch_size": 2}},
+    )  # fmt: skip
+    assert result.results["method"].tolist() == ["fastflow"]
+    written = pd.read_csv(out / "results.csv")
+    assert sorted(zip(written["method"], written["category"], strict=True)) == [
+        ("fastflow", "bottle"),
+        ("padim", "bottle"),
+        ("padim", "screw"),
+    ]
+    tables = (out / "tables.md").read_text()
+    assert "| category | padim | fastflow |" in tables
+    means = [line for line in tables.splitlines() if line.startswith("| **mean** |")]
+    assert len(means) == 3 and all(line.endswith(" (1 of 2 categories) |") for line in means)
+
+
 def test_failing_cell_is_recorded_and_the_run_goes_on(data_root, tmp_path, monkeypatch, capsys):
     real = bench.runner.cell.run_cell
 

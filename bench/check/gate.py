@@ -31,7 +31,7 @@ from bench.check.baseline import (
     load_baseline,
     save_baseline,
 )
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
 from bench.runner.config import RunConfig
 from bench.runner.options import build_config
 from bench.runner.provenance import read_run_json
@@ -202,7 +202,7 @@ def format_result(result: CheckResult, baseline_path: Path) -> str:
         ("CELLS WHOSE SETTINGS CHANGED", result.changed),
         (
             "CELLS THAT FAILED in the run",
-            [f"{a}: {e.splitlines()[0]}" for a, e in result.failed_cells],
+            [f"{a}: {one_line(e)}" for a, e in result.failed_cells],
         ),
     ):
         if items:
@@ -349,7 +349,7 @@ def execute(
     if failures:
         label, error = failures[0]
         raise BenchError(
-            f"--update: {len(failures)} cells failed (first: {label}: {error.splitlines()[0]}); "
+            f"--update: {len(failures)} cells failed (first: {label}: {one_line(error)}); "
             "a baseline needs every cell"
         )
     if tolerance is not None:

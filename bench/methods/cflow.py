@@ -35,6 +35,8 @@ PADDINGS = ("reflect", "zeros")
 # The encoders the authors build from their own ResNet copy, whose padded convolutions
 # reflect the border; every other encoder of theirs comes from timm, which pads with zeros.
 REFLECT_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2")
+# Reflection needs every map at least 2 pixels wide; layer4 has this stride.
+LAYER4_STRIDE = 32
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,12 @@ class CFlow(Method):
             raise BenchError(
                 f"cflow.encoder_padding={settings.encoder_padding}: expected one of "
                 f"{', '.join(PADDINGS)}"
+            )
+        if settings.encoder_padding == "reflect" and settings.input_size <= LAYER4_STRIDE:
+            raise BenchError(
+                f"cflow: --input-size {settings.input_size} leaves layer4 one pixel wide, too "
+                "small for the reflect padding of the original reference's encoder; give "
+                f"more than {LAYER4_STRIDE} (e.g. 64), or set cflow.encoder_padding=zeros"
             )
         return settings.encoder_padding
 

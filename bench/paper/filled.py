@@ -19,6 +19,7 @@ from bench.paper.published import (
     MARK_LEGEND,
     MARKS,
     METRICS,
+    STATUSES,
     Column,
     Number,
     PaperTable,
@@ -278,8 +279,13 @@ def write_filled(comparison: FilledTable, folder: Path, suffix: str = "") -> Pat
 
 
 def describe_tables() -> str:
-    """``bench paper --list``: name, title, what the grid runs, how sure the numbers are."""
-    lines = []
+    """``bench paper --list``: name, title, what the grid runs, how sure the numbers are
+    (with the legend of the status letters, which the counts use)."""
+    legend = ", ".join(
+        f"{status} {meaning}" + (f" (marked {MARKS[status]})" if status in MARKS else "")
+        for status, meaning in STATUSES.items()
+    )
+    lines = [f"Published numbers by status: {legend}.", ""]
     for name in table_names():
         table = load_table(name)
         counts = {}

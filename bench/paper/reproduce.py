@@ -11,8 +11,9 @@ from bench.errors import BenchError
 from bench.paper.filled import FilledTable, fill_table
 from bench.paper.grids import check_backbones, check_weights, grid_configs
 from bench.paper.published import load_table
-from bench.runner.config import parse_set
-from bench.runner.run import run_grid
+from bench.registry import DATASETS
+from bench.runner.config import RunConfig, parse_set
+from bench.runner.run import resolve_categories, run_grid
 from bench.runner.store import read_store
 
 # What still applies to a finished run read with --from: which rows the table shows.
@@ -25,6 +26,22 @@ class Reproduction:
     rows: list[dict[str, Any]]
     filled: FilledTable
     failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def paper_folder(name: str, out: str | None) -> Path:
+    """Where ``bench paper NAME`` runs its grids: ``--out``, else ``results/paper-NAME``."""
+    return Path(out or Path("results") / f"paper-{name}")
+
+
+def check_grids(configs: list[RunConfig]) -> None:
+    """Every grid's options and data, checked before any cell runs, as ``bench run`` checks
+    its one grid; each category's layout too, so a --data-root in the wrong layout fails
+    here with the folder it lacks instead of in every cell."""
+    for config in configs:
+        config.validate()
+        dataset = DATASETS.get(config.dataset)(Path(config.data_root) if config.data_root else None)
+        for category in resolve_categories(config):
+            dataset.check_category(category)
 
 
 def reproduce(
@@ -54,7 +71,7 @@ def reproduce(
         return Reproduction(
             folder, rows, fill_table(table, rows, options.get("reference"), substitute)
         )
-    folder = Path(options.get("out") or Path("results") / f"paper-{table.name}")
+    folder = paper_folder(table.name, options.get("out"))
     overrides = {key: value for key, value in options.items() if key not in ("out", "force")}
     overrides["backbones"] = backbones
     if "set_items" in overrides:
@@ -62,6 +79,7 @@ def reproduce(
     configs = grid_configs(table, overrides, folder)
     for config in configs:
         check_weights(config.weights, allow_random_weights)
+    check_grids(configs)
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, str]] = []
     for config in configs:

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.report.columns import column_labels, with_columns  # noqa: E402
 from bench.report.figure_record import FOLDER, Figure  # noqa: E402
 from bench.runner import examples  # noqa: E402
 
@@ -40,14 +41,11 @@ MARKERS = "osD^vP*Xh"
 
 
 def series_labels(frame: pd.DataFrame) -> pd.Series:
-    """Method, plus backbone, reference and dataset when the run has several of them."""
-    parts = [frame["method"].astype(str)]
-    for key in ("backbone", "reference", "dataset"):
-        if key in frame and frame[key].nunique() > 1:
-            parts.append(frame[key].astype(str))
-    label = parts[0]
-    for part in parts[1:]:
-        label = label + " / " + part
+    """A table column's name (``bench.report.columns``), plus the dataset when the run has
+    several."""
+    label = column_labels(frame)
+    if "dataset" in frame and frame["dataset"].nunique() > 1:
+        label = label + " / " + frame["dataset"].astype(str)
     return label
 
 
@@ -118,7 +116,8 @@ def accuracy_latency(frame: pd.DataFrame, folder: Path) -> Figure:
             None,
             "skipped: the result rows have no latency_e2e_ms (these cells were not profiled)",
         )
-    keys = ["method", "backbone"] + (["reference"] if frame["reference"].nunique() > 1 else [])
+    frame, keys = with_columns(frame)
+    keys = keys if "backbone" in keys else [keys[0], "backbone", *keys[1:]]
     points = (
         frame.dropna(subset=["latency_e2e_ms", "image_auroc"])
         .groupby(keys, as_index=False)
@@ -251,6 +250,8 @@ def gallery(frame: pd.DataFrame, folder: Path, category: str) -> Figure:
 
 def write_figures(folder: Path, rows: list[dict[str, Any]]) -> list[Figure]:
     """Every figure of a run folder, rebuilt from its result rows and saved examples."""
+    if not rows:  # every cell failed: a report still says what there is to see
+        return [Figure("Figures", None, "skipped: no cell of this run finished")]
     frame = pd.DataFrame(rows)
     frame["series"] = series_labels(frame)
     with plt.rc_context(STYLE):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
 from bench.metrics import METRIC_LABELS
 from bench.paper.filled import FilledTable, fill_table, render_markdown, write_filled
 from bench.paper.published import load_table, table_names
@@ -150,7 +150,7 @@ def write_report(
         figure_record.remember(folder, key, figures)
     lines = [f"# Run {folder.name}", "", *_run_lines(folder), ""]
     lines.append(f"{len(rows)} cells finished, {len(failures)} failed.")
-    lines += [f"- failed: {label}: {error.splitlines()[0]}" for label, error in failures]
+    lines += [f"- failed: {label}: {one_line(error)}" for label, error in failures]
     lines += ["", "## Results", "", tables]
     lines.append(
         "Also as [LaTeX](tables.tex), [CSV](tables.csv) and every row in [results.csv](results.csv)."

@@ -15,6 +15,7 @@ import pandas as pd
 
 from bench.errors import BenchError
 from bench.metrics import METRIC_LABELS
+from bench.report.columns import with_columns
 from bench.report.statistics import over_seeds
 from bench.runner.row import columns
 
@@ -37,17 +38,8 @@ def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
-def _column_keys(frame: pd.DataFrame) -> list[str]:
-    """Method always; backbone, reference and setting only when the run has several."""
-    keys = ["method"]
-    for extra in ("backbone", "reference", "setting"):
-        if extra in frame and frame[extra].nunique() > 1:
-            keys.append(extra)
-    return keys
-
-
 def _column_name(key: Any) -> str:
-    return key if isinstance(key, str) else " / ".join(str(k) for k in key)
+    return key if isinstance(key, str) else " / ".join(str(k) for k in key if k != "")
 
 
 def _fmt(values: pd.Series, bounds: tuple[pd.Series, pd.Series] | None = None) -> str:
@@ -69,8 +61,9 @@ def _fmt(values: pd.Series, bounds: tuple[pd.Series, pd.Series] | None = None) -
 
 
 def metric_table(frame: pd.DataFrame, metric: str, ci: bool = False) -> pd.DataFrame:
-    """Rows: categories in run order, then 'mean'; columns: methods; cells: mean ± std."""
-    keys = _column_keys(frame)
+    """Rows: categories in run order, then 'mean'; columns: methods (split further where
+    rows differ in how they were made, ``bench.report.columns``); cells: mean ± std."""
+    frame, keys = with_columns(frame)
     categories = list(dict.fromkeys(frame["category"]))
     columns = list(dict.fromkeys(map(tuple, frame[keys].values.tolist())))
     table: dict[str, dict[str, str]] = {}
@@ -86,6 +79,9 @@ def metric_table(frame: pd.DataFrame, metric: str, ci: bool = False) -> pd.DataF
             cells[category] = _fmt(here[metric].astype(float), bounds)
         per_seed = part.groupby("seed")[metric].apply(lambda s: s.astype(float).mean())
         cells["mean"] = _fmt(per_seed) if part[metric].notna().any() else MISSING
+        covered = part.loc[part[metric].notna(), "category"].nunique()
+        if 0 < covered < len(categories):  # a mean over fewer categories than the others'
+            cells["mean"] += f" ({covered} of {len(categories)} categories)"
         table[name] = cells
     result = pd.DataFrame(table)
     result.index.name = "category"
@@ -148,8 +144,10 @@ def to_latex(table: pd.DataFrame, title: str) -> str:
 
 
 def numeric_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean and std per category and column, as numbers in [0, 1], for CSV export."""
-    keys = _column_keys(frame)
+    """Mean and std per category and column, as numbers in [0, 1], for CSV export; the
+    weights are always a column, since a CSV has no caption to name them."""
+    frame, keys = with_columns(frame)
+    keys += [] if "weights" in keys else ["weights"]
     grouped = frame.groupby(["category", *keys])[metric]
     out = grouped.agg(["mean", "std", "count"]).reset_index()
     out.insert(0, "metric", metric)
@@ -223,7 +221,7 @@ def best_epoch_table(rows: list[dict[str, Any]], metric: str) -> pd.DataFrame | 
     frame = pd.DataFrame(picked)
     table = metric_table(frame, metric)
     if frame["seed"].nunique() == 1:
-        keys = _column_keys(frame)
+        frame, keys = with_columns(frame)
         for _, row in frame.iterrows():
             name = _column_name(tuple(row[keys]) if len(keys) > 1 else row[keys[0]])
             table.loc[row["category"], name] += f" (ep {row['best_epoch']})"

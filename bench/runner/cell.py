@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from bench import metrics
+from bench.datasets.base import Dataset, Sample
 from bench.datasets.pipeline import ImageSet, Preprocess, load_ground_truth
 from bench.errors import BenchError
-from bench.extractor import FeatureExtractor
+from bench.extractor import WEIGHT_POLICIES, FeatureExtractor
 from bench.features import CachedFeatures, FeatureSource, StreamedFeatures
 from bench.methods.base import Method, MethodContext
 from bench.profiling import PeakMemory, ProfileSettings, cell_costs
@@ -150,8 +151,10 @@ def get_extractor(
     padding: str = "zeros",
 ) -> FeatureExtractor:
     """Built once per (backbone, layers, weights, input size, padding) per process, then
-    reused: a zero-padded backbone's features never reach a cell that asked for reflection."""
-    key = (backbone, tuple(layers), weights, provenance, input_size, device, padding)
+    reused: a zero-padded backbone's features never reach a cell that asked for reflection,
+    and a checkpoint file replaced since is loaded again."""
+    version = _file_version(weights) if weights not in WEIGHT_POLICIES else None
+    key = (backbone, tuple(layers), weights, version, provenance, input_size, device, padding)
     if key not in _EXTRACTORS:
         _EXTRACTORS.clear()  # one backbone in memory at a time
         extractor = FeatureExtractor(backbone, layers, weights, provenance, input_size, padding)
@@ -302,6 +305,47 @@ def _test_set(
     return _TestSet(category, samples, images, load_ground_truth(samples, pre, has_masks), features)
 
 
+def data_fingerprint(train: list[Sample], test: list[Sample]) -> str:
+    """Which images a row was trained and tested on, wherever the dataset folder sits:
+    each sample's split, name, label and defect, and the size of its image and mask files
+    (the pixels themselves for in-memory images). A run compares it with its finished rows,
+    so results of a dataset since changed are not passed off as done."""
+    digest = hashlib.sha256()
+    for split, samples in (("train", train), ("test", test)):
+        for sample in samples:
+            digest.update(f"{split}\0{sample.name}\0{sample.label}\0{sample.defect}".encode())
+            for item in (sample.image, sample.mask):
+                if isinstance(item, np.ndarray):
+                    digest.update(np.ascontiguousarray(item).data)
+                else:
+                    digest.update(f"\0{'-' if item is None else _file_size(item)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    try:
+        stat = Path(path).expanduser().stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _file_size(path: Path) -> int | str:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return "missing"
+
+
+def cell_samples(cell: Cell, dataset: Dataset) -> tuple[list[Sample], dict[str, list[Sample]]]:
+    """The training images (every category a unified cell trains on) and each evaluated
+    category's test images."""
+    for category in cell.evaluated:
+        dataset.check_category(category)
+    train = [s for category in cell.evaluated for s in dataset.train(category)]
+    return train, {category: dataset.test(category) for category in cell.evaluated}
+
+
 def run_cell(cell: Cell, env: Environment) -> list[dict[str, Any]]:
     """Train and evaluate one cell: one result row per evaluated category (one category,
     except in the unified setting)."""
@@ -309,10 +353,7 @@ def run_cell(cell: Cell, env: Environment) -> list[dict[str, Any]]:
     release_freed_memory()  # the peak is measured from what the process holds now
     peak = PeakMemory(torch.device(env.device))
     dataset = DATASETS.get(cell.dataset)(Path(env.data_root) if env.data_root else None)
-    for category in cell.evaluated:
-        dataset.check_category(category)
-    train_samples = [s for category in cell.evaluated for s in dataset.train(category)]
-    test_samples = {category: dataset.test(category) for category in cell.evaluated}
+    train_samples, test_samples = cell_samples(cell, dataset)
     method, extractor, pre = build_method(cell, env)
     train_images = ImageSet(train_samples, pre)
     tests = [
@@ -382,6 +423,7 @@ def run_cell(cell: Cell, env: Environment) -> list[dict[str, Any]]:
             n_train=len(train_samples),
             n_test=len(test.images),
             n_anomalous=int(test.gt.labels.sum()),
+            data_id=data_fingerprint(train_samples, test.samples),
             trainable_params=method.trainable_parameters(),
             feature_seconds=t1 - t0,
             fit_seconds=fit_seconds,

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 SHARED_SETTINGS = ("input_size", "epochs", "batch_size", "lr")
 
 EXECUTORS = ("local", "ray")
+# --input-size bounds. 32 px is the ResNets' coarsest stride (layer4): below it the deepest
+# maps are one pixel computed mostly from padding, and PaDiM's blur (radius 16 at its sigma
+# of 4) needs maps wider than 16 pixels. Methods that need more say so per cell (CS-Flow: a
+# multiple of 4 x the stride; U-Flow's NFA: maps of 3x3; CFLOW-AD's reflect padding: over 32).
+MIN_INPUT_SIZE = 32
+MAX_INPUT_SIZE = 4096  # five times the largest reference size (CS-Flow's 768)
 TRAINING_SETTINGS = ("separate", "unified")  # a model per category, or one for all of them
 
 
@@ -90,9 +96,9 @@ class RunConfig:
             raise BenchError(f"--bootstrap {self.bootstrap}: give 0 (no intervals) or more")
         if self.eval_every < 0:
             raise BenchError(f"--eval-every {self.eval_every}: give 0 (off) or a positive K")
-        for value, flag in ((self.input_size, "--input-size"), (self.epochs, "--epochs")):
-            if value is not None and value <= 0:
-                raise BenchError(f"{flag} {value}: must be positive")
+        if self.epochs is not None and self.epochs <= 0:
+            raise BenchError(f"--epochs {self.epochs}: must be positive")
+        self._validate_resources()
         for category, pairs in self.per_category.items():
             if not isinstance(pairs, dict):
                 raise BenchError(
@@ -101,6 +107,30 @@ class RunConfig:
                 )
         self.profile_settings()
         self._validate_executor()
+
+    def _validate_resources(self) -> None:
+        """Input size, backbones, threads and workers: checked before a run folder exists."""
+        from bench.extractor import backbone_spec
+
+        size = self.input_size
+        if size is not None and not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:
+            raise BenchError(
+                f"--input-size {size}: give {MIN_INPUT_SIZE} (the backbones' coarsest stride) "
+                f"to {MAX_INPUT_SIZE} pixels, or omit it for each method's reference size"
+            )
+        for name in self.backbones:
+            try:
+                backbone_spec(name)
+            except BenchError as exc:
+                raise BenchError(f"--backbones {name}: {exc}") from exc
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(
+                f"--threads {self.threads}: give 1 or more, or omit the option for torch's default"
+            )
+        if self.workers is not None and self.workers < 0:
+            raise BenchError(
+                f"--workers {self.workers}: give 0 (load images in the main process) or more"
+            )
 
     def profile_settings(self) -> ProfileSettings | None:
         """How each cell is profiled; None when profiling is off."""

@@ -40,6 +40,7 @@ class ResultRow:
     n_train: int
     n_test: int
     n_anomalous: int
+    data_id: str  # the images trained and tested on: names, labels, file sizes (sha256 prefix)
     trainable_params: int
     # wall time of each phase of the cell
     feature_seconds: float

@@ -16,12 +16,13 @@ from typing import Any, TextIO
 import torch
 from tqdm.auto import tqdm
 
-from bench.errors import BenchError
+from bench.errors import BenchError, failure_text
 from bench.registry import DATASETS
 from bench.runner import examples
 from bench.runner.cell import EVIDENCE_KEY, Cell, Environment, default_workers, resolve_device
 from bench.runner.config import EXECUTORS, RunConfig
 from bench.runner.executors import Executor, LocalExecutor
+from bench.runner.freshness import stale_cells
 from bench.runner.grid import expand_cells
 from bench.runner.heap import retain_freed_memory
 from bench.runner.provenance import write_run_json
@@ -114,6 +115,23 @@ def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
     return groups
 
 
+def _refuse_stale_rows(
+    folder: Path, store: ResultStore, cells: list[Cell], data_root: str | None
+) -> None:
+    """Stop before anything runs when a finished cell's row was made with other weights
+    or images than this command would use: neither skipping it nor replacing it unasked
+    is honest."""
+    done = [(c, row) for c in cells if (row := store.row(c.key)) is not None]
+    stale = stale_cells(done, data_root)
+    if stale:
+        store.close()
+        raise BenchError(
+            f"{folder}: {len(stale)} finished cell(s) would not be what this command computes; "
+            f"{stale[0]}. Run again with --force to recompute them in this folder (their rows "
+            "are replaced), or with another --out to keep both"
+        )
+
+
 def run_grid(
     config: RunConfig, command: str, force: bool = False, debug: bool = False
 ) -> RunSummary:
@@ -129,6 +147,8 @@ def run_grid(
     cells = expand_cells(config, categories)
     folder = Path(config.out or "results/default")
     store = ResultStore(folder)
+    if not force:
+        _refuse_stale_rows(folder, store, cells, config.data_root)
     write_run_json(folder, config, command, device)
     todo: list[Cell] = [c for c in cells if force or store.status(c.key) != "done"]
     skipped = len(cells) - len(todo)
@@ -166,7 +186,7 @@ def run_grid(
         for twin in twins[cell.key]:
             store.put_failure(twin, error)
             failures.append((twin.label(), error))
-            tqdm.write(f"FAILED {twin.label()}: {error.splitlines()[0]}")
+            tqdm.write(f"FAILED {twin.label()}: {failure_text(error, debug)}", file=sys.stderr)
             log.failed()
 
     try:

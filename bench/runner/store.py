@@ -58,6 +58,13 @@ class ResultStore:
         found = self._db.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()
         return found[0] if found else None
 
+    def row(self, key: str) -> dict[str, Any] | None:
+        """The finished row of a cell, if it has one."""
+        found = self._db.execute(
+            "SELECT row FROM cells WHERE key = ? AND status = 'done'", (key,)
+        ).fetchone()
+        return json.loads(found[0]) if found else None
+
     def _put(self, cell: Cell, status: str, row: dict | None, error: str | None) -> None:
         with self._db:
             self._db.execute(
