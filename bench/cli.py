@@ -202,6 +202,20 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
     return f"warning: {message}\n"
 
 
+class _SayOnce:
+    """Each warning's text once per command: libraries reset Python's own once-per-place
+    memory, and a grid that rebuilds its backbone for each cell would repeat the same
+    fallback warning before every cell."""
+
+    def __init__(self, show) -> None:  # noqa: ANN001
+        self.show, self.said = show, set()
+
+    def __call__(self, message, category, *rest) -> None:  # noqa: ANN001
+        if (str(message), category) not in self.said:
+            self.said.add((str(message), category))
+            self.show(message, category, *rest)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="Benchmark flow-based image anomaly detectors."
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.simplefilter("default")
     warnings.formatwarning = _one_line_warning
+    warnings.showwarning = _SayOnce(getattr(warnings.showwarning, "show", warnings.showwarning))
     try:
         return args.func(args, argv)
     except BenchError as exc:

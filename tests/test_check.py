@@ -67,6 +67,14 @@ def test_a_drop_beyond_the_tolerance_fails_with_a_table() -> None:
     assert any(line.startswith("FAIL: b.json") for line in text.splitlines())
 
 
+def test_a_drop_too_small_for_four_decimals_is_still_shown_as_one() -> None:
+    now = copy.deepcopy(ROWS)
+    now[3]["pixel_auroc"] = METRICS["pixel_auroc"] - 3e-6
+    result = check_rows(_baseline(ROWS), now)
+    assert result.passed
+    assert "; largest drop -3.0e-06 (padim/synthetic/washer" in format_result(result, Path("b"))
+
+
 def test_an_improvement_is_reported_and_passes() -> None:
     now = copy.deepcopy(ROWS)
     now[0]["pixel_auroc"] = 0.99

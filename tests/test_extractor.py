@@ -66,6 +66,30 @@ def test_random_init_is_deterministic():
     torch.testing.assert_close(a(x)["layer2"], b(x)["layer2"])
 
 
+def test_the_weights_a_build_would_record_are_known_without_building(tmp_path, monkeypatch):
+    from bench.extractor import expected_weights_ident
+
+    path = tmp_path / "r18.pt"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    for weights in ("random", str(path)):
+        built = FeatureExtractor("resnet18", ["layer1"], weights, input_size=(32, 32))
+        assert (
+            expected_weights_ident("resnet18", ["layer1"], weights, "timm") == built.weights.ident
+        )
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)  # new draw
+    assert expected_weights_ident("resnet18", ["layer1"], str(path), "timm") != built.weights.ident
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("bench.extractor._cached_weights_file", lambda tag: None)
+    assert expected_weights_ident("resnet18", ["layer1"], "auto", "torchvision") == "random"
+    assert expected_weights_ident("resnet18", [], "imagenet", "torchvision") == "resnet18.tv_in1k"
+    monkeypatch.setattr("bench.extractor._cached_weights_file", lambda tag: "/cache/model.bin")
+    assert (
+        expected_weights_ident("resnet18", ["layer1"], "auto", "torchvision") == "resnet18.tv_in1k"
+    )
+    with pytest.raises(BenchError, match="no such file"):
+        expected_weights_ident("resnet18", ["layer1"], str(tmp_path / "gone.pt"), "timm")
+
+
 def test_local_checkpoint_loads_and_is_recorded(tmp_path):
     torch.manual_seed(123)
     full = timm.create_model("resnet18", pretrained=False).eval()

@@ -321,3 +321,14 @@ def test_peak_probe_is_measured_once_per_machine(tmp_path, monkeypatch) -> None:
     assert first > 0 and (tmp_path / "peak_gflops.json").is_file()
     monkeypatch.setattr(torch, "randn", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     assert profiling.peak_gflops(torch.device("cpu"), seconds=0.05, size=128) == first
+
+
+def test_speed_caption_counts_calls_in_words() -> None:
+    from bench.report.speed_table import caption
+
+    row = {"device": "cpu", "threads": 2, "dtype": "float32", "reference": "original",
+           "weights": "random(seed=0)", "peak_memory_kind": "rss"}  # fmt: skip
+    text = caption([row], ProfileSettings(repeats=1, warmup=0))
+    assert "median / p95 of 1 call after 0 warm-up" in text
+    assert "median of 1 call." in text
+    assert "median / p95 of 20 calls" in caption([row], ProfileSettings())

@@ -227,6 +227,23 @@ def test_cli_warnings_are_one_line(monkeypatch) -> None:
     assert text == "warning: USING RANDOM INITIALISATION\n"
 
 
+def test_cli_says_each_warning_once_per_command(monkeypatch) -> None:
+    import warnings
+
+    from bench import cli
+
+    said: list[str] = []
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *rest: said.append(str(message)))
+    assert cli.main(["paper", "--list"]) == 0
+    for text in ("weights a unavailable", "weights b unavailable", "weights a unavailable"):
+        warnings.showwarning(UserWarning(text), UserWarning, "x.py", 1)
+    assert said == ["weights a unavailable", "weights b unavailable"]
+    assert cli.main(["paper", "--list"]) == 0  # a new command: its own memory, no wrapping twice
+    warnings.showwarning(UserWarning("weights a unavailable"), UserWarning, "x.py", 1)
+    assert said[-1] == "weights a unavailable" and len(said) == 3
+
+
 def test_ci_tables_show_test_image_or_seed_intervals() -> None:
     import pandas as pd
 

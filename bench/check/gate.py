@@ -212,7 +212,8 @@ def format_result(result: CheckResult, baseline_path: Path) -> str:
     worst = min(compared, key=lambda c: c.delta, default=None)
     largest = ""
     if worst is not None and worst.delta < 0:
-        largest = f"; largest drop {worst.delta:+.4f} ({worst.cell} {worst.metric})"
+        size = f"{worst.delta:+.4f}" if worst.delta <= -5e-5 else f"{worst.delta:+.1e}"
+        largest = f"; largest drop {size} ({worst.cell} {worst.metric})"
     elif worst is not None:
         largest = "; no metric dropped"
     if result.passed:

@@ -32,6 +32,10 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
 SCALE = {"params_head": 1e-6, "params_backbone": 1e-6, "flops_head": 1e-9, "flops_backbone": 1e-9}
 
 
+def _calls(n: int) -> str:
+    return f"{n} call" if n == 1 else f"{n} calls"
+
+
 def _cell(row: dict[str, Any], keys: tuple[str, ...], fmt: str) -> str:
     values = [row.get(key) for key in keys]
     if any(value is None for value in values):
@@ -50,8 +54,8 @@ def caption(rows: list[dict[str, Any]], settings: ProfileSettings) -> str:
     return (
         f"device {first['device']}, {first['threads']} threads, {first['dtype']}; "
         f"reference {first['reference']}; weights {weights}. Latency at batch 1: median / "
-        f"p95 of {settings.repeats} calls after {settings.warmup} warm-up. Throughput at "
-        f"batch {settings.throughput_batch}: median of {settings.throughput_repeats} calls. "
+        f"p95 of {_calls(settings.repeats)} after {settings.warmup} warm-up. Throughput at "
+        f"batch {settings.throughput_batch}: median of {_calls(settings.throughput_repeats)}. "
         "head = predict_batch on precomputed features (the additional cost); e2e = image "
         "tensor to anomaly map; bb = backbone. FLOPs count convolutions and matrix products "
         f"only (2 per multiply-add). GFLOP/s: those FLOPs per image times e2e images/s; % of "
