@@ -280,7 +280,7 @@ def test_markdown_table_shows_scaled_figures_and_dashes_for_missing_ones() -> No
     }  # fmt: skip
     text = to_markdown([row], QUICK)
     assert "| fastflow | resnet18 | 256x256 | 4.65 | 2.78 | 2.5 | – | 4.0 / 5.2 |" in text
-    assert "batch 2: median of 1 calls" in text
+    assert "batch 2: median of 1 call." in text
 
 
 def test_bench_speed_reports_a_failing_method_and_profiles_the_others(
