@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.simplefilter("default")
     warnings.formatwarning = _one_line_warning
-    warnings.showwarning = _SayOnce(getattr(warnings.showwarning, "show", warnings.showwarning))
+    shown = warnings.showwarning
+    warnings.showwarning = _SayOnce(shown.show if isinstance(shown, _SayOnce) else shown)
     try:
         return args.func(args, argv)
     except BenchError as exc:

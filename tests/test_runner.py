@@ -259,6 +259,21 @@ def test_unknown_category_is_one_clear_line(data_root, tmp_path, capsys):
     assert err[-1] == "error: unknown mvtec category 'bottel'; known: bottle, screw"
 
 
+def test_all_categories_are_checked_before_any_cell_runs(data_root, tmp_path, monkeypatch, capsys):
+    seen = _count_cells(monkeypatch)
+    shutil.rmtree(data_root / "screw" / "test")
+    code = main(
+        ["run", "--methods", "padim", "--dataset", "mvtec", "--data-root", str(data_root)]
+        + ["--categories", "all", "--out", str(tmp_path / "run")]
+    )
+    assert code == 2 and seen == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"error: screw: no test folder under {data_root / 'screw'} (the mvtec layout has "
+        "train/good/ and test/ in every category folder)"
+    )
+
+
 def test_eval_every_stores_each_epoch_and_leaves_the_final_row_alone(data_root: Path, tmp_path):
     import bench
 

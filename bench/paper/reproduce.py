@@ -11,7 +11,6 @@ from bench.errors import BenchError
 from bench.paper.filled import FilledTable, fill_table
 from bench.paper.grids import check_backbones, check_weights, grid_configs
 from bench.paper.published import load_table
-from bench.registry import DATASETS
 from bench.runner.config import RunConfig, parse_set
 from bench.runner.run import resolve_categories, run_grid
 from bench.runner.store import read_store
@@ -34,14 +33,11 @@ def paper_folder(name: str, out: str | None) -> Path:
 
 
 def check_grids(configs: list[RunConfig]) -> None:
-    """Every grid's options and data, checked before any cell runs, as ``bench run`` checks
-    its one grid; each category's layout too, so a --data-root in the wrong layout fails
-    here with the folder it lacks instead of in every cell."""
+    """Every grid's options and data layout, checked before any of them runs a cell, as
+    ``bench run`` checks its one grid."""
     for config in configs:
         config.validate()
-        dataset = DATASETS.get(config.dataset)(Path(config.data_root) if config.data_root else None)
-        for category in resolve_categories(config):
-            dataset.check_category(category)
+        resolve_categories(config)
 
 
 def reproduce(

@@ -92,12 +92,14 @@ def make_executor(config: RunConfig, debug: bool = False) -> Executor:
 
 
 def resolve_categories(config: RunConfig) -> list[str]:
+    """The grid's categories, each checked against the data root's layout before any cell
+    runs (with ``all`` too: a category folder missing part of the layout stops the run)."""
     dataset = DATASETS.get(config.dataset)(Path(config.data_root) if config.data_root else None)
-    if config.categories in (["all"], []):
-        return list(dataset.available_categories())
-    for category in config.categories:
+    everything = config.categories in (["all"], [])
+    categories = list(dataset.available_categories() if everything else config.categories)
+    for category in categories:
         dataset.check_category(category)
-    return list(config.categories)
+    return categories
 
 
 def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
@@ -116,12 +118,11 @@ def group_identical(cells: list[Cell]) -> dict[str, list[Cell]]:
 
 
 def _refuse_stale_rows(
-    folder: Path, store: ResultStore, cells: list[Cell], data_root: str | None
+    folder: Path, store: ResultStore, done: list[tuple[Cell, dict[str, Any]]], data_root: str | None
 ) -> None:
     """Stop before anything runs when a finished cell's row was made with other weights
     or images than this command would use: neither skipping it nor replacing it unasked
     is honest."""
-    done = [(c, row) for c in cells if (row := store.row(c.key)) is not None]
     stale = stale_cells(done, data_root)
     if stale:
         store.close()
@@ -147,10 +148,11 @@ def run_grid(
     cells = expand_cells(config, categories)
     folder = Path(config.out or "results/default")
     store = ResultStore(folder)
-    if not force:
-        _refuse_stale_rows(folder, store, cells, config.data_root)
+    done = [] if force else [(c, row) for c in cells if (row := store.row(c.key)) is not None]
+    _refuse_stale_rows(folder, store, done, config.data_root)
     write_run_json(folder, config, command, device)
-    todo: list[Cell] = [c for c in cells if force or store.status(c.key) != "done"]
+    finished = {cell.key for cell, _ in done}
+    todo: list[Cell] = [c for c in cells if c.key not in finished]
     skipped = len(cells) - len(todo)
     if skipped:
         tqdm.write(f"{skipped} of {len(cells)} cells already done in {folder}; skipping them")
